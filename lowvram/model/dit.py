@@ -1,0 +1,422 @@
+"""The causal streaming S2V DiT of Live Avatar (Wan2.2-S2V-14B + LiveAvatar), written from its description.
+
+State-dict names are the real checkpoint's, verbatim. Blocks and audio injectors live in ModuleDicts
+keyed by their global index, so a pipeline stage can hold just its layers and still load real keys.
+
+A forward is split into pieces a pipeline can place on different devices:
+    embed_text / time_modulation / encode_audio / embed_noisy / embed_cond   (first stage)
+    run_layers                                                               (any stage)
+    head_out                                                                 (last stage)
+Precision follows the reference: modulation and gates in float32, the residual stream carried in
+float32 inside a block and rounded to the parameter dtype at its end.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowvram.model.cache import CondCache, LayerCond, StepKV
+from lowvram.model.config import DiTConfig
+from lowvram.model.rope import apply_rope, grid_positions, rope_table, subsampled_axis
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, group=None, full_dim: int | None = None):
+    """RMSNorm over the full hidden width; under tensor parallelism the sum of squares is all-reduced."""
+    xf = x.float()
+    sq = xf.pow(2).sum(-1, keepdim=True)
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(sq, group=group)
+    mean = sq / (full_dim or x.shape[-1])
+    return (xf * torch.rsqrt(mean + eps)).to(x.dtype) * weight
+
+
+def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.layer_norm(x.float(), x.shape[-1:], eps=eps)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Unmasked softmax(q k^T / sqrt(d)) v. q [..., Lq, H, d], k/v [..., Lk, H, d] -> [..., Lq, H*d]."""
+    out = F.scaled_dot_product_attention(q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2))
+    return out.transpose(-3, -2).flatten(-2)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.full_dim = dim
+        self.group = None  # tensor-parallel group: sum of squares over all shards
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps, self.group, self.full_dim)
+
+
+class Attention(nn.Module):
+    """q/k/v/o projections with q/k RMSNorm over the full width (all heads jointly)."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+        self.reduce_group = None  # tensor parallelism: `o` is row-parallel, its output is all-reduced
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (-1, self.head_dim))
+
+    def query(self, x):
+        return self.heads(self.norm_q(self.q(x)))
+
+    def key_value(self, x):
+        return self.heads(self.norm_k(self.k(x))), self.heads(self.v(x))
+
+    def output(self, attn_out):
+        out = self.o(attn_out)
+        if self.reduce_group is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(out, group=self.reduce_group)
+        return out
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, dim: int, ffn_dim: int):
+        super().__init__(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
+        self.reduce_group = None
+
+    def forward(self, x):
+        out = super().forward(x)
+        if self.reduce_group is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(out, group=self.reduce_group)
+        return out
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.eps = cfg.eps
+        self.modulation = nn.Parameter(torch.zeros(1, 6, cfg.dim))
+        self.self_attn = Attention(cfg.dim, cfg.num_heads, cfg.eps)
+        self.norm3 = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=True)
+        self.cross_attn = Attention(cfg.dim, cfg.num_heads, cfg.eps)
+        self.ffn = FeedForward(cfg.dim, cfg.ffn_dim)
+
+    def mods(self, e6: torch.Tensor) -> list[torch.Tensor]:
+        """Six float32 modulation vectors per token: e6 is [tokens, 6, dim] (already expanded per token)."""
+        return (self.modulation.float() + e6).unbind(1)
+
+    def forward(self, x, e6, rope, kv_fn, text_k, text_v):
+        """x [L, dim]; e6 [L, 6, dim]; rope = (cos, sin); kv_fn(k, v) -> keys/values to attend to."""
+        dtype = self.modulation.dtype
+        m = self.mods(e6)
+        y = (layer_norm(x, self.eps) * (1 + m[1]) + m[0]).to(dtype)
+        q = apply_rope(self.self_attn.query(y), *rope)
+        k, v = self.self_attn.key_value(y)
+        keys, values = kv_fn(apply_rope(k, *rope), v, k)
+        x = x.float() + self.self_attn.output(attention(q, keys, values)).float() * m[2]
+        z = F.layer_norm(x.to(dtype).float(), x.shape[-1:], self.norm3.weight.float(), self.norm3.bias.float(), self.eps).to(dtype)
+        x = x + self.cross_attn.output(attention(self.cross_attn.query(z), text_k, text_v)).float()
+        y = (layer_norm(x, self.eps) * (1 + m[4]) + m[3]).to(dtype)
+        return x + self.ffn(y).float() * m[5]
+
+
+class AdaLayerNorm(nn.Module):
+    """LN(x, eps 1e-5) * (1 + scale) + shift with [shift | scale] = linear(SiLU(cond))."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, 2 * dim)
+
+    def forward(self, x, cond):
+        shift, scale = self.linear(F.silu(cond)).float().chunk(2, dim=-1)
+        return layer_norm(x, 1e-5) * (1 + scale[:, None]) + shift[:, None]
+
+
+class AudioInjector(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        ids = [str(j) for j in range(len(cfg.audio_inject_layers))]
+        self.injector = nn.ModuleDict({j: Attention(cfg.dim, cfg.num_heads, cfg.eps) for j in ids})
+        self.injector_adain_layers = nn.ModuleDict({j: AdaLayerNorm(cfg.dim) for j in ids})
+
+
+class CausalConv1d(nn.Module):
+    """Conv1d whose time axis is left-padded with copies of the first column (replicate padding)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv = nn.Conv1d(cin, cout, 3, stride=stride)
+
+    def forward(self, x):  # [B, C, T]
+        return self.conv(F.pad(x, (2, 0), mode="replicate"))
+
+
+class MotionEncoder(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        d = cfg.dim
+        self.num_tokens = cfg.num_audio_token
+        self.conv1_local = CausalConv1d(cfg.audio_dim, d)
+        self.conv1_global = CausalConv1d(cfg.audio_dim, d // 4)
+        self.conv2 = CausalConv1d(d // 4, d // 2, stride=2)
+        self.conv3 = CausalConv1d(d // 2, d, stride=2)
+        self.final_linear = nn.Linear(d, d)
+        self.padding_tokens = nn.Parameter(torch.zeros(1, 1, 1, d))
+
+    @staticmethod
+    def norm_act(x):  # LN over channels of [B, C, T], then SiLU
+        return F.silu(F.layer_norm(x.transpose(1, 2), x.shape[1:2], eps=1e-6).transpose(1, 2))
+
+    def shared_tail(self, x):
+        return self.norm_act(self.conv3(self.norm_act(self.conv2(self.norm_act(x)))))
+
+    def forward(self, feat):  # feat [A, T]
+        x = feat[None]
+        local = self.conv1_local(x)  # [1, dim, T]
+        groups = local.unflatten(1, (self.num_tokens, -1))[0]  # [4, dim/4, T]
+        local = self.shared_tail(groups).permute(2, 0, 1)  # [T', 4, dim]
+        pad = self.padding_tokens[0, 0].expand(local.shape[0], 1, -1)
+        tokens = torch.cat([local, pad.to(local.dtype)], dim=1)  # [T', 5, dim]
+        glob = self.shared_tail(self.conv1_global(x))[0].transpose(0, 1)  # [T', dim]
+        return self.final_linear(glob), tokens
+
+
+class CausalAudioEncoder(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.weights = nn.Parameter(torch.ones(1, cfg.audio_layers, 1, 1))
+        self.encoder = MotionEncoder(cfg)
+        self.prepend = cfg.motion_pixel_frames
+        self.drop = cfg.motion_latent_frames
+
+    def forward(self, audio_input: torch.Tensor):
+        """audio_input [1, 25, A, frames] -> (global [F, dim], tokens [F, 5, dim]) for the F latent frames."""
+        feats = audio_input[0].float()
+        feats = torch.cat([feats[..., :1].expand(-1, -1, self.prepend), feats], dim=-1)
+        w = F.silu(self.weights.float()[0])  # [25, 1, 1]
+        mixed = (feats * w).sum(0) / w.sum()
+        dtype = self.encoder.final_linear.weight.dtype
+        glob, tokens = self.encoder(mixed.to(dtype))
+        return glob[self.drop :], tokens[self.drop :]
+
+
+class FramePacker(nn.Module):
+    """FramePack motion tokens: newest latent frame at full rate, 2 at 2x, 16 at 4x downsampling."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.proj = nn.Conv3d(cfg.in_dim, cfg.dim, (1, 2, 2), stride=(1, 2, 2))
+        self.proj_2x = nn.Conv3d(cfg.in_dim, cfg.dim, (2, 4, 4), stride=(2, 4, 4))
+        self.proj_4x = nn.Conv3d(cfg.in_dim, cfg.dim, (4, 8, 8), stride=(4, 8, 8))
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.eps = cfg.eps
+        self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.zeros(1, 2, cfg.dim))
+
+
+@dataclass
+class BlockInputs:
+    """What every layer of one inference forward needs besides its weights (small; sent between stages)."""
+
+    e6: torch.Tensor  # [F, 6, dim] float32 time modulation per latent frame
+    audio_global: torch.Tensor  # [F, dim]
+    audio_tokens: torch.Tensor  # [F, 5, dim]
+    start: int  # absolute token offset of the block in the stream
+    ref_shift: int  # RoPE time shift of the reference tokens for this forward
+    tokens_per_frame: int
+    grid: tuple[int, int]  # token grid (rows, cols) of one latent frame
+
+
+def sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """[cos(t w_k), sin(t w_k)], w_k = 10000^(-k/half), computed in float64 and returned as float32."""
+    half = dim // 2
+    pos = t.to(torch.float64)
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angle = torch.outer(pos, freqs)
+    return torch.cat([torch.cos(angle), torch.sin(angle)], dim=1).float()
+
+
+class LiveAvatarDiT(nn.Module):
+    """The streaming S2V DiT. `layers` selects which transformer layers this instance holds (a stage)."""
+
+    def __init__(self, cfg: DiTConfig, layers: range | None = None, embeddings: bool = True, head: bool = True):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.layer_ids = list(range(cfg.num_layers) if layers is None else layers)
+        d = cfg.dim
+        if embeddings:
+            self.patch_embedding = nn.Conv3d(cfg.in_dim, d, cfg.patch_size, stride=cfg.patch_size)
+            self.cond_encoder = nn.Conv3d(cfg.cond_dim, d, cfg.patch_size, stride=cfg.patch_size)
+            self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
+            self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+            self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+            self.trainable_cond_mask = nn.Embedding(3, d)
+            self.casual_audio_encoder = CausalAudioEncoder(cfg)  # sic: the checkpoint's spelling
+            self.frame_packer = FramePacker(cfg)
+        self.blocks = nn.ModuleDict({str(i): Block(cfg) for i in self.layer_ids})
+        injected = [j for j, layer in enumerate(cfg.audio_inject_layers) if layer in self.layer_ids]
+        if injected:
+            self.audio_injector = AudioInjector(cfg)
+            for name in list(self.audio_injector.injector.keys()):
+                if int(name) not in injected:
+                    del self.audio_injector.injector[name]
+                    del self.audio_injector.injector_adain_layers[name]
+        self.inject_at = {layer: j for j, layer in enumerate(cfg.audio_inject_layers) if layer in self.layer_ids}
+        if head:
+            self.head = Head(cfg)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    # ----- first stage: embeddings -------------------------------------------------------------
+
+    def embed_text(self, context: torch.Tensor) -> torch.Tensor:
+        """Zero-pad the T5 context to text_len rows (padding is not masked), then embed -> [text_len, dim]."""
+        cfg = self.cfg
+        if context.shape[0] > cfg.text_len:
+            context = context[: cfg.text_len]
+        padded = context.new_zeros(cfg.text_len, context.shape[1])
+        padded[: context.shape[0]] = context
+        return self.text_embedding(padded.to(self.dtype))
+
+    def time_modulation(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-frame timesteps [F] -> (e [F, dim], e6 [F, 6, dim]) in float32."""
+        s = sinusoid(t.reshape(-1), self.cfg.freq_dim).to(self.dtype)
+        e = self.time_embedding(s).float()
+        e6 = self.time_projection(e.to(self.dtype)).float().unflatten(1, (6, self.cfg.dim))
+        return e, e6
+
+    def encode_audio(self, audio_input: torch.Tensor):
+        return self.casual_audio_encoder(audio_input)
+
+    def patchify(self, conv: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        out = conv(x.to(self.dtype))[0]  # [dim, T, H, W]
+        grid = tuple(out.shape[1:])
+        return out.flatten(1).transpose(0, 1), grid
+
+    def embed_noisy(self, x: torch.Tensor, cond_states: torch.Tensor) -> torch.Tensor:
+        """Latent [16, F, h, w] (+ pose latent [1, 16, F, h, w]) -> tokens [F*fsl, dim]."""
+        tokens, _ = self.patchify(self.patch_embedding, x[None])
+        cond, _ = self.patchify(self.cond_encoder, cond_states.reshape(1, *cond_states.shape[-4:]))
+        return tokens + cond + self.trainable_cond_mask.weight[0]
+
+    def embed_cond(self, ref_latents: torch.Tensor, motion_latents: torch.Tensor):
+        """Reference + FramePack motion tokens [Tc, dim], their RoPE positions [Tc, 3] and the ref token count."""
+        cfg = self.cfg
+        ref = ref_latents.reshape(1, *ref_latents.shape[-4:])
+        ref_tok, (_, gh, gw) = self.patchify(self.patch_embedding, ref)
+        ref_tok = ref_tok + self.trainable_cond_mask.weight[1]
+        ref_pos = grid_positions([cfg.ref_base_frame], list(range(gh)), list(range(gw)))
+
+        motion = motion_latents.reshape(1, *motion_latents.shape[-4:])
+        n = cfg.motion_latent_frames
+        motion = motion[:, :, -n:]
+        if motion.shape[2] < n:
+            motion = F.pad(motion, (0, 0, 0, 0, n - motion.shape[2], 0))
+        fp = self.frame_packer
+        post, g1 = self.patchify(fp.proj, motion[:, :, -1:])
+        two, g2 = self.patchify(fp.proj_2x, motion[:, :, -3:-1])
+        four, g4 = self.patchify(fp.proj_4x, motion[:, :, :-3])
+        h2, w2 = g1[1], g1[2]
+        four_times = [-(n - 5 * f) for f in range(g4[0])]  # the reference's 4x positions: -19, -14, -9, -4
+        positions = torch.cat([
+            ref_pos,
+            grid_positions([-1], list(range(h2)), list(range(w2))),
+            grid_positions([-3], subsampled_axis(h2, g2[1]), subsampled_axis(w2, g2[2])),
+            grid_positions(four_times, subsampled_axis(h2, g4[1]), subsampled_axis(w2, g4[2])),
+        ])
+        motion_tok = torch.cat([post, two, four]) + self.trainable_cond_mask.weight[2]
+        return torch.cat([ref_tok, motion_tok]), positions, ref_tok.shape[0]
+
+    # ----- any stage: transformer layers -------------------------------------------------------
+
+    def text_kv(self, text: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Cross-attention keys/values of the embedded text for this instance's layers (constant per prompt)."""
+        return {i: self.blocks[str(i)].cross_attn.key_value(text) for i in self.layer_ids}
+
+    def prefill_layers(self, tokens, e6_zero, positions, text_kv, cache: CondCache):
+        """Run the conditioning tokens through this instance's layers at t=0; store un-roped K and V."""
+        rope = rope_table(positions, self.cfg.rope_split)
+        e6 = e6_zero.expand(tokens.shape[0], -1, -1)
+        for i in self.layer_ids:
+            stash = {}
+
+            def kv_fn(k_roped, v, k_raw, stash=stash):
+                stash["k"], stash["v"] = k_raw, v
+                return k_roped, v
+
+            tk, tv = text_kv[i]
+            tokens = self.blocks[str(i)](tokens, e6, rope, kv_fn, tk, tv).to(self.dtype)
+            cache.layers[i] = LayerCond(stash["k"], stash["v"], tk, tv)
+        return tokens
+
+    def run_layers(self, tokens: torch.Tensor, inp: BlockInputs, cond: CondCache, kv: StepKV) -> torch.Tensor:
+        """One inference forward through this instance's layers (noisy tokens only)."""
+        cfg = self.cfg
+        frames = tokens.shape[0] // inp.tokens_per_frame
+        f0 = inp.start // inp.tokens_per_frame
+        rows, cols = inp.grid
+        rope = rope_table(grid_positions(range(f0, f0 + frames), range(rows), range(cols)), cfg.rope_split)
+        cond_pos = cond.positions.clone()
+        cond_pos[: cond.num_ref_tokens, 0] += inp.ref_shift
+        cond_rope = rope_table(cond_pos, cfg.rope_split)
+        e6 = inp.e6.repeat_interleave(inp.tokens_per_frame, dim=0)
+        for i in self.layer_ids:
+            lc = cond.layers[i]
+
+            def kv_fn(k_roped, v, k_raw, i=i, lc=lc):
+                k_cache, v_cache = kv.write_and_read(i, inp.start, k_roped, v)
+                cond_k = apply_rope(lc.cond_k, *cond_rope)
+                return torch.cat([k_cache, cond_k]), torch.cat([v_cache, lc.cond_v])
+
+            x = self.blocks[str(i)](tokens, e6, rope, kv_fn, lc.text_k, lc.text_v)
+            if i in self.inject_at:
+                x = self.inject_audio(self.inject_at[i], x, inp)
+            tokens = x.to(self.dtype)
+        return tokens
+
+    def inject_audio(self, j: int, x: torch.Tensor, inp: BlockInputs) -> torch.Tensor:
+        """Per latent frame: AdaLN on the audio global vector, cross-attention to its 5 audio tokens."""
+        attn = self.audio_injector.injector[str(j)]
+        adain = self.audio_injector.injector_adain_layers[str(j)]
+        frames = x.shape[0] // inp.tokens_per_frame
+        xf = x.unflatten(0, (frames, inp.tokens_per_frame))
+        s = adain(xf, inp.audio_global.to(self.dtype)).to(self.dtype)
+        k, v = attn.key_value(inp.audio_tokens.to(self.dtype))
+        out = attn.output(attention(attn.query(s), k, v))
+        return (xf.float() + out.float()).flatten(0, 1)
+
+    # ----- last stage: head ---------------------------------------------------------------------
+
+    def head_out(self, tokens: torch.Tensor, e: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """tokens [F*fsl, dim], e [F, dim] -> velocity [out_dim, F, h, w] (float32)."""
+        frames, rows, cols = grid
+        mod = self.head.modulation.float() + e[:, None, :]  # [F, 2, dim]
+        shift = mod[:, 0].repeat_interleave(rows * cols, dim=0)
+        scale = mod[:, 1].repeat_interleave(rows * cols, dim=0)
+        y = (layer_norm(tokens, self.cfg.eps) * (1 + scale) + shift).to(self.dtype)
+        out = self.head.head(y).float()  # [L, pt*ph*pw*c]
+        pt, ph, pw = self.cfg.patch_size
+        out = out.reshape(frames, rows, cols, pt, ph, pw, self.cfg.out_dim)
+        return out.permute(6, 0, 3, 1, 4, 2, 5).reshape(self.cfg.out_dim, frames * pt, rows * ph, cols * pw)

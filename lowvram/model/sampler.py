@@ -1,0 +1,119 @@
+"""4-step flow-matching Euler sampling of a causal block stream, on one device.
+
+This is the single-process reference path; the parallel runtime runs the same pieces on stages.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lowvram.model.cache import CondCache, StepKV
+from lowvram.model.config import DiTConfig
+from lowvram.model.dit import BlockInputs, LiveAvatarDiT
+
+
+def flow_schedule(steps: int = 4, shift: float = 3.0, train_steps: int = 1000):
+    """Timesteps [steps] and sigmas [steps+1] (float32) of FlowMatchEulerDiscreteScheduler(shift) as used.
+
+    The training schedule is already shifted, so the shift is effectively applied twice (as upstream does).
+    """
+    sigma_min = np.float32(shift * (1 / train_steps) / (1 + (shift - 1) * (1 / train_steps)))
+    u = np.linspace(train_steps, train_steps * float(sigma_min), steps, dtype=np.float64) / train_steps
+    sigmas = (shift * u / (1 + (shift - 1) * u)).astype(np.float32)
+    timesteps = (sigmas * np.float32(train_steps)).astype(np.float32)
+    sigmas = np.append(sigmas, np.float32(0.0))
+    return torch.from_numpy(timesteps), torch.from_numpy(sigmas)
+
+
+def reference_shift(cfg: DiTConfig, frame0: int, relative_dist: int) -> int:
+    """RoPE time shift of the reference tokens: the reference stays `relative_dist` frames ahead of the block."""
+    return max(0, frame0 - cfg.ref_base_frame + relative_dist)
+
+
+class ShiftDraws:
+    """The per-forward random `relative_dist` draws; seedable (upstream uses the unseeded global `random`)."""
+
+    def __init__(self, cfg: DiTConfig, seed: int | None = None, script: list[int] | None = None):
+        self.lo, self.hi = cfg.ref_shift_range
+        self.rng = random.Random(seed)
+        self.script = list(script) if script is not None else None
+        self.drawn: list[int] = []
+
+    def __call__(self) -> int:
+        value = self.script.pop(0) if self.script else self.rng.randint(self.lo, self.hi)
+        self.drawn.append(value)
+        return value
+
+
+@dataclass
+class Conditioning:
+    context: torch.Tensor  # T5 output [Lc, text_dim]
+    ref_latents: torch.Tensor  # [1, 16, 1, h, w]
+    motion_latents: torch.Tensor  # [1, 16, 19, h, w]
+
+
+class Stream:
+    """Holds the prefilled conditioning cache and the per-step noisy caches of one stream on one device."""
+
+    def __init__(self, model: LiveAvatarDiT, cond: Conditioning, latent_hw: tuple[int, int],
+                 draws: Callable[[], int] | None = None, kv_dtype: torch.dtype | None = None):
+        self.model = model
+        self.cfg = cfg = model.cfg
+        self.latent_hw = latent_hw
+        ph, pw = cfg.patch_size[1:]
+        self.grid = (latent_hw[0] // ph, latent_hw[1] // pw)
+        self.fsl = self.grid[0] * self.grid[1]
+        self.block_tokens = cfg.frames_per_block * self.fsl
+        self.draws = draws or ShiftDraws(cfg)
+        self.timesteps, self.sigmas = flow_schedule(cfg.num_steps, cfg.scheduler_shift)
+        device = next(model.parameters()).device
+        dtype = kv_dtype or model.dtype
+        capacity = cfg.blocks_per_clip * self.block_tokens
+        self.kv = [StepKV(model.layer_ids, capacity, cfg.num_heads, cfg.head_dim, dtype, device)
+                   for _ in range(cfg.num_steps)]
+        self.cond = self.prefill(cond)
+        self.next_start = 0
+
+    @torch.no_grad()
+    def prefill(self, cond: Conditioning) -> CondCache:
+        m = self.model
+        text = m.embed_text(cond.context)
+        tokens, positions, n_ref = m.embed_cond(cond.ref_latents, cond.motion_latents)
+        _, e6_zero = m.time_modulation(torch.zeros(1, device=tokens.device))
+        cache = CondCache(positions=positions, num_ref_tokens=n_ref)
+        m.prefill_layers(tokens, e6_zero, positions, m.text_kv(text), cache)
+        return cache
+
+    @torch.no_grad()
+    def forward(self, x, step: int, audio_input, cond_states, start: int, relative_dist: int | None = None):
+        """One model call: block latent x [16, F, h, w] at denoising step `step` -> velocity (float32)."""
+        m, cfg = self.model, self.cfg
+        frames = x.shape[1]
+        t = self.timesteps[step].expand(frames).to(x.device)
+        e, e6 = m.time_modulation(t)
+        audio_global, audio_tokens = m.encode_audio(audio_input)
+        rd = self.draws() if relative_dist is None else relative_dist
+        inp = BlockInputs(e6=e6, audio_global=audio_global, audio_tokens=audio_tokens, start=start,
+                          ref_shift=reference_shift(cfg, start // self.fsl, rd),
+                          tokens_per_frame=self.fsl, grid=self.grid)
+        tokens = m.embed_noisy(x, cond_states)
+        tokens = m.run_layers(tokens, inp, self.cond, self.kv[step])
+        return m.head_out(tokens, e, (frames, *self.grid))
+
+    @torch.no_grad()
+    def sample_block(self, noise, audio_input, cond_states, on_step=None) -> torch.Tensor:
+        """Denoise one block from its noise with the 4-step Euler sampler; returns the clean latent (float32)."""
+        x = noise.float()
+        start = self.next_start
+        for i in range(self.cfg.num_steps):
+            v = self.forward(x, i, audio_input, cond_states, start)
+            x = x + (self.sigmas[i + 1] - self.sigmas[i]) * v
+            if on_step is not None:
+                on_step(i, v, x)
+        self.next_start += self.block_tokens
+        return x
