@@ -1,0 +1,140 @@
+"""The DiT against the upstream float32 fixtures: every case_*.safetensors listed in tiny_dit/config.json."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fixtures import reference_dir
+from lowvram.model.config import DiTConfig
+from lowvram.model.dit import LiveAvatarDiT
+from lowvram.model.sampler import Conditioning, ShiftDraws, Stream, flow_schedule, reference_shift
+
+TOL = 1e-5
+FIXTURE = reference_dir() / "tiny_dit"
+
+
+def fixture_config():
+    return json.loads((FIXTURE / "config.json").read_text())
+
+
+def case_names():
+    if not (FIXTURE / "config.json").exists():
+        return []
+    return sorted(name[: -len(".safetensors")] for name in fixture_config()["files"] if name.startswith("case_"))
+
+
+def build(fx):
+    pipe = fx["pipeline"]
+    cfg = DiTConfig.from_dict({**fx["model"], "frames_per_block": pipe["num_frames_per_block"],
+                               "blocks_per_clip": pipe["num_blocks"], "num_steps": pipe["sampling_steps"],
+                               "scheduler_shift": pipe["scheduler_shift"]})
+    model = LiveAvatarDiT(cfg)
+    model.load_state_dict(load_file(FIXTURE / "weights.safetensors"))
+    return model.eval()
+
+
+def max_err(a, b):
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a.float() - b.float()).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build(fixture_config())
+
+
+def test_schedule_matches_fixture():
+    fx = fixture_config()
+    steps, sigmas = flow_schedule(fx["pipeline"]["sampling_steps"], fx["pipeline"]["scheduler_shift"])
+    assert torch.equal(steps, torch.tensor(fx["derived"]["timesteps_float32"], dtype=torch.float32))
+    assert torch.equal(sigmas, torch.tensor(fx["derived"]["sigmas_float32"], dtype=torch.float32))
+
+
+def single_forward(model, case):
+    hw = tuple(case["x"].shape[-2:])
+    stream = Stream(model, Conditioning(case["context"], case["ref_latents"], case["motion_latents"]), hw)
+    step = int((stream.timesteps == case["t"].flatten()[0]).nonzero()[0])
+    start = int(case["current_start"])
+    if "kv_k_before" in case:
+        n = case["kv_k_before"].shape[1]
+        for i in model.layer_ids:
+            stream.kv[step].k[i][:n] = case["kv_k_before"][i]
+            stream.kv[step].v[i][:n] = case["kv_v_before"][i]
+    rd = int(case["relative_dist"])
+    assert reference_shift(model.cfg, start // stream.fsl, rd) == int(case["ref_rope_frame_shift"])
+    out = stream.forward(case["x"], step, case["audio_input"], case["cond_states"], start, rd)
+    errs = {"out": max_err(out, case["out"])}
+    errs["prefill_cond_k"] = max(max_err(stream.cond.layers[i].cond_k, case["prefill_cond_k"][i]) for i in model.layer_ids)
+    errs["prefill_cond_v"] = max(max_err(stream.cond.layers[i].cond_v, case["prefill_cond_v"][i]) for i in model.layer_ids)
+    rows = case["kv_k_after"].shape[1]
+    errs["kv_k_after"] = max(max_err(stream.kv[step].k[i][:rows], case["kv_k_after"][i]) for i in model.layer_ids)
+    errs["kv_v_after"] = max(max_err(stream.kv[step].v[i][:rows], case["kv_v_after"][i]) for i in model.layer_ids)
+    return errs
+
+
+def sample_clip(stream, case):
+    """Sample every block of the case's clip with the case's scripted shift draws."""
+    model = stream.model
+    blocks, steps = case["relative_dist"].shape
+    f = model.cfg.frames_per_block
+    assert stream.next_start == int(case["current_start"][0, 0])
+    stream.draws = ShiftDraws(model.cfg, script=case["relative_dist"].flatten().tolist())
+    preds, after, finals = [], [], []
+    for b in range(blocks):
+        start = stream.next_start
+        for s in range(steps):
+            assert int(case["current_start"][b, s]) == start
+            assert reference_shift(model.cfg, start // stream.fsl, int(case["relative_dist"][b, s])) == int(
+                case["ref_rope_frame_shift"][b, s])
+        audio = case["audio_input"][..., 4 * f * b: 4 * f * (b + 1)]
+        cond_states = case["cond_states"][:, :, f * b: f * (b + 1)]
+        noise = case["initial_noise"][:, f * b: f * (b + 1)]
+        pred_b, after_b = [], []
+        finals.append(stream.sample_block(noise, audio, cond_states,
+                                          on_step=lambda i, v, x: (pred_b.append(v), after_b.append(x))))
+        preds.append(torch.stack(pred_b))
+        after.append(torch.stack(after_b))
+    errs = {
+        "noise_pred": max_err(torch.stack(preds), case["noise_pred"]),
+        "latents_after_step": max_err(torch.stack(after), case["latents_after_step"]),
+        "final_latents": max_err(torch.cat(finals, dim=1), case["final_latents"]),
+    }
+    if "kv_k_final" in case:
+        rows = case["kv_k_final"].shape[2]
+        errs["kv_k_final"] = max(max_err(stream.kv[s].k[i][:rows], case["kv_k_final"][s, i])
+                                 for s in range(steps) for i in model.layer_ids)
+        errs["kv_v_final"] = max(max_err(stream.kv[s].v[i][:rows], case["kv_v_final"][s, i])
+                                 for s in range(steps) for i in model.layer_ids)
+    return errs
+
+
+@pytest.fixture(scope="module")
+def sampling_errors(model):
+    """Sampling cases run in name order; a case whose first block starts past 0 continues the previous stream."""
+    errors, stream, shared = {}, None, {}
+    for name in case_names():
+        case = load_file(FIXTURE / f"{name}.safetensors")
+        if "noise_pred" not in case:
+            continue
+        for key in ("context", "ref_latents", "motion_latents"):
+            shared[key] = case.get(key, shared.get(key))
+        if int(case["current_start"][0, 0]) == 0 or stream is None:
+            hw = tuple(case["initial_noise"].shape[-2:])
+            stream = Stream(model, Conditioning(shared["context"], shared["ref_latents"], shared["motion_latents"]), hw)
+        errors[name] = sample_clip(stream, case)
+    return errors
+
+
+@pytest.mark.parametrize("name", case_names())
+def test_fixture_case(name, model, sampling_errors):
+    case = load_file(FIXTURE / f"{name}.safetensors")
+    errs = sampling_errors[name] if "noise_pred" in case else single_forward(model, case)
+    print(name, {k: f"{v:.2e}" for k, v in errs.items()})
+    assert errs and all(v <= TOL for v in errs.values()), errs
+
+
+def test_fixture_cases_found():
+    assert case_names(), f"no case_*.safetensors listed in {FIXTURE / 'config.json'}"
