@@ -61,8 +61,8 @@ def single_forward(model, case):
     if "kv_k_before" in case:
         n = case["kv_k_before"].shape[1]
         for i in model.layer_ids:
-            stream.kv[step].k[i][:n] = case["kv_k_before"][i]
-            stream.kv[step].v[i][:n] = case["kv_v_before"][i]
+            stream.step_kv(step).k[i][:n] = case["kv_k_before"][i]
+            stream.step_kv(step).v[i][:n] = case["kv_v_before"][i]
     rd = int(case["relative_dist"])
     assert reference_shift(model.cfg, start // stream.fsl, rd) == int(case["ref_rope_frame_shift"])
     out = stream.forward(case["x"], step, case["audio_input"], case["cond_states"], start, rd)

@@ -116,23 +116,38 @@ class Block(nn.Module):
         self.cross_attn = Attention(cfg.dim, cfg.num_heads, cfg.eps)
         self.ffn = FeedForward(cfg.dim, cfg.ffn_dim)
 
-    def mods(self, e6: torch.Tensor) -> list[torch.Tensor]:
-        """Six float32 modulation vectors per token: e6 is [tokens, 6, dim] (already expanded per token)."""
-        return (self.modulation.float() + e6).unbind(1)
-
     def forward(self, x, e6, rope, kv_fn, text_k, text_v):
-        """x [L, dim]; e6 [L, 6, dim]; rope = (cos, sin); kv_fn(k, v) -> keys/values to attend to."""
-        dtype = self.modulation.dtype
-        m = self.mods(e6)
-        y = (layer_norm(x, self.eps) * (1 + m[1]) + m[0]).to(dtype)
-        q = apply_rope(self.self_attn.query(y), *rope)
+        """x [L, dim]; e6 [G, 6, dim] float32 for G equal groups of tokens (one per latent frame);
+        rope = (cos, sin); kv_fn(k_roped, v, k_raw) -> the keys/values to attend to."""
+        m = (self.modulation.float() + e6).unbind(1)
+        q, k, k_raw, v = self.pre_attention(x, m[0], m[1], *rope)
+        keys, values = kv_fn(k, v, k_raw)
+        return self.post_attention(x, attention(q, keys, values), m[2], m[3], m[4], m[5], text_k, text_v)
+
+    def pre_attention(self, x, shift, scale, cos, sin):
+        y = modulate(layer_norm(x, self.eps), shift, scale).to(self.modulation.dtype)
+        q = apply_rope(self.self_attn.query(y), cos, sin)
         k, v = self.self_attn.key_value(y)
-        keys, values = kv_fn(apply_rope(k, *rope), v, k)
-        x = x.float() + self.self_attn.output(attention(q, keys, values)).float() * m[2]
-        z = F.layer_norm(x.to(dtype).float(), x.shape[-1:], self.norm3.weight.float(), self.norm3.bias.float(), self.eps).to(dtype)
+        return q, apply_rope(k, cos, sin), k, v
+
+    def post_attention(self, x, attn, gate, shift, scale, gate_ffn, text_k, text_v):
+        dtype = self.modulation.dtype
+        x = x.float() + gated(self.self_attn.output(attn), gate)
+        z = F.layer_norm(x.to(dtype).float(), x.shape[-1:], self.norm3.weight.float(), self.norm3.bias.float(),
+                         self.eps).to(dtype)
         x = x + self.cross_attn.output(attention(self.cross_attn.query(z), text_k, text_v)).float()
-        y = (layer_norm(x, self.eps) * (1 + m[4]) + m[3]).to(dtype)
-        return x + self.ffn(y).float() * m[5]
+        y = modulate(layer_norm(x, self.eps), shift, scale).to(dtype)
+        return x + gated(self.ffn(y), gate_ffn)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [G*n, dim] float32 with per-group shift/scale [G, dim]: x * (1 + scale) + shift."""
+    xg = x.unflatten(0, (shift.shape[0], -1))
+    return (xg * (1 + scale[:, None]) + shift[:, None]).flatten(0, 1)
+
+
+def gated(y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    return (y.float().unflatten(0, (gate.shape[0], -1)) * gate[:, None]).flatten(0, 1)
 
 
 class AdaLayerNorm(nn.Module):
@@ -358,7 +373,7 @@ class LiveAvatarDiT(nn.Module):
     def prefill_layers(self, tokens, e6_zero, positions, text_kv, cache: CondCache):
         """Run the conditioning tokens through this instance's layers at t=0; store un-roped K and V."""
         rope = rope_table(positions, self.cfg.rope_split)
-        e6 = e6_zero.expand(tokens.shape[0], -1, -1)
+        e6 = e6_zero[:1]
         for i in self.layer_ids:
             stash = {}
 
@@ -381,7 +396,7 @@ class LiveAvatarDiT(nn.Module):
         cond_pos = cond.positions.clone()
         cond_pos[: cond.num_ref_tokens, 0] += inp.ref_shift
         cond_rope = rope_table(cond_pos, cfg.rope_split)
-        e6 = inp.e6.repeat_interleave(inp.tokens_per_frame, dim=0)
+        e6 = inp.e6
         for i in self.layer_ids:
             lc = cond.layers[i]
 
@@ -412,10 +427,8 @@ class LiveAvatarDiT(nn.Module):
     def head_out(self, tokens: torch.Tensor, e: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """tokens [F*fsl, dim], e [F, dim] -> velocity [out_dim, F, h, w] (float32)."""
         frames, rows, cols = grid
-        mod = self.head.modulation.float() + e[:, None, :]  # [F, 2, dim]
-        shift = mod[:, 0].repeat_interleave(rows * cols, dim=0)
-        scale = mod[:, 1].repeat_interleave(rows * cols, dim=0)
-        y = (layer_norm(tokens, self.cfg.eps) * (1 + scale) + shift).to(self.dtype)
+        mod = self.head.modulation.float() + e[:, None, :]  # [F, 2, dim]: shift, scale
+        y = modulate(layer_norm(tokens, self.cfg.eps), mod[:, 0], mod[:, 1]).to(self.dtype)
         out = self.head.head(y).float()  # [L, pt*ph*pw*c]
         pt, ph, pw = self.cfg.patch_size
         out = out.reshape(frames, rows, cols, pt, ph, pw, self.cfg.out_dim)

@@ -71,11 +71,8 @@ class Stream:
         self.block_tokens = cfg.frames_per_block * self.fsl
         self.draws = draws or ShiftDraws(cfg)
         self.timesteps, self.sigmas = flow_schedule(cfg.num_steps, cfg.scheduler_shift)
-        device = next(model.parameters()).device
-        dtype = kv_dtype or model.dtype
-        capacity = cfg.blocks_per_clip * self.block_tokens
-        self.kv = [StepKV(model.layer_ids, capacity, cfg.num_heads, cfg.head_dim, dtype, device)
-                   for _ in range(cfg.num_steps)]
+        self.kv_dtype = kv_dtype or model.dtype
+        self.kv: list[StepKV | None] = [None] * cfg.num_steps  # allocated on first use of each step
         self.cond = self.prefill(cond)
         self.next_start = 0
 
@@ -88,6 +85,14 @@ class Stream:
         cache = CondCache(positions=positions, num_ref_tokens=n_ref)
         m.prefill_layers(tokens, e6_zero, positions, m.text_kv(text), cache)
         return cache
+
+    def step_kv(self, step: int) -> StepKV:
+        if self.kv[step] is None:
+            cfg = self.cfg
+            device = next(self.model.parameters()).device
+            capacity = cfg.blocks_per_clip * self.block_tokens
+            self.kv[step] = StepKV(self.model.layer_ids, capacity, cfg.num_heads, cfg.head_dim, self.kv_dtype, device)
+        return self.kv[step]
 
     @torch.no_grad()
     def forward(self, x, step: int, audio_input, cond_states, start: int, relative_dist: int | None = None):
@@ -102,7 +107,7 @@ class Stream:
                           ref_shift=reference_shift(cfg, start // self.fsl, rd),
                           tokens_per_frame=self.fsl, grid=self.grid)
         tokens = m.embed_noisy(x, cond_states)
-        tokens = m.run_layers(tokens, inp, self.cond, self.kv[step])
+        tokens = m.run_layers(tokens, inp, self.cond, self.step_kv(step))
         return m.head_out(tokens, e, (frames, *self.grid))
 
     @torch.no_grad()

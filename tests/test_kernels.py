@@ -1,0 +1,67 @@
+"""Quantized Linear layers: quantization math, exact CPU GEMMs, and the one-call model swap."""
+
+import pytest
+import torch
+from torch import nn
+
+from lowvram.kernels import linear as K
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.fixture
+def layer():
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 384)
+    nn.init.normal_(lin.weight, std=256 ** -0.5)
+    return lin
+
+
+def test_int4_pack_roundtrip_is_exact_on_the_grid():
+    torch.manual_seed(1)
+    q = torch.randint(0, 16, (8, 256), dtype=torch.uint8)
+    scale = torch.rand(8, 2) + 0.5
+    offset = torch.randn(8, 2)
+    w = q.float().reshape(8, 2, 128) * scale[..., None].bfloat16().float() + offset[..., None].bfloat16().float()
+    packed, s, o = K.quantize_int4_groupwise(w.reshape(8, 256))
+    assert torch.equal(K.unpack_int4(packed), q)
+    assert rel_err(K.dequantize_int4(packed, s, o, torch.float32), w.reshape(8, 256)) < 1e-2
+
+
+@pytest.mark.parametrize("fmt,bound", [("fp8", 0.05), ("int8", 0.02), ("int4", 0.12)])
+def test_quantized_linear_close_to_float(layer, fmt, bound):
+    x = torch.randn(3, 17, 256)
+    q = K.quantized_linear(layer, fmt)
+    err = rel_err(q(x), layer(x))
+    assert 0 < err < bound, err
+
+
+def test_int8_gemm_equals_its_dequantized_math(layer):
+    x = torch.randn(40, 256)
+    q = K.quantized_linear(layer, "int8")
+    x8, sa = K.per_token_int8(x)
+    expected = (x8.float() @ q.weight.float().t()) * sa * q.weight_scale + layer.bias
+    assert torch.allclose(q(x), expected.float(), atol=1e-5)
+
+
+def test_smoothquant_factors_are_folded_exactly(layer):
+    x = torch.randn(40, 256)
+    x[:, 3] *= 50  # an outlier channel, the case SmoothQuant exists for
+    smooth = x.abs().amax(0).clamp(min=1e-5) ** 0.5 / layer.weight.abs().amax(0).clamp(min=1e-5) ** 0.5
+    plain = rel_err(K.quantized_linear(layer, "int8")(x), layer(x))
+    smoothed = rel_err(K.quantized_linear(layer, "int8", smooth=smooth)(x), layer(x))
+    assert smoothed < plain
+
+
+def test_quantize_swaps_linears_by_recipe():
+    model = nn.Sequential()
+    model.add_module("blocks", nn.Sequential(nn.Linear(128, 128), nn.Linear(128, 128)))
+    model.add_module("head", nn.Sequential())
+    model.head.add_module("head", nn.Linear(128, 64))
+    K.quantize_(model, "fp8")
+    assert isinstance(model.blocks[0], K.Fp8Linear) and isinstance(model.blocks[1], K.Fp8Linear)
+    assert isinstance(model.head.head, nn.Linear)  # kept in bf16 like upstream
+    with pytest.raises(ValueError, match="unknown format"):
+        K.default_recipe(model, "int3")
