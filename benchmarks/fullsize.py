@@ -26,6 +26,7 @@ from lowvram.model.config import s2v_14b
 from lowvram.model.dit import Block, LiveAvatarDiT
 from lowvram.model.sampler import Conditioning, Stream
 
+PROFILE = False
 LAT_HW = (88, 48)  # 704x384 pixels
 FRAMES = 3
 
@@ -113,6 +114,13 @@ def bench_format(cfg, fmt: str, whole_block: bool) -> dict:
     flops = forward_flops(cfg, stream.block_tokens, keys_steady, stream.fsl)
     res["steady_TFLOP"] = round(flops / 1e12, 1)
     res["steady_TFLOPs_per_s"] = round(flops / res["steady_ms"] / 1e9, 1)
+    if PROFILE:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            stream.forward(x, 0, audio, pose, steady, 10)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60), flush=True)
     if whole_block:
         for s in range(cfg.num_steps):
             stream.step_kv(s)
@@ -185,7 +193,10 @@ def main(argv=None):
     ap.add_argument("--compile", choices=["off", "on", "both"], default="both")
     ap.add_argument("--layers", type=int, default=40, help="fewer layers for a quick look (times scale linearly)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one steady forward")
     args = ap.parse_args(argv)
+    global PROFILE
+    PROFILE = args.profile
     if not torch.cuda.is_available():
         sys.exit("error: benchmarks/fullsize.py needs a CUDA GPU; run it on the device machine")
     cfg = s2v_14b()

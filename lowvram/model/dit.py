@@ -43,8 +43,10 @@ def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Unmasked softmax(q k^T / sqrt(d)) v. q [..., Lq, H, d], k/v [..., Lk, H, d] -> [..., Lq, H*d]."""
-    out = F.scaled_dot_product_attention(q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2))
-    return out.transpose(-3, -2).flatten(-2)
+    # 4-D [batch, heads, tokens, dim] inputs: the fused (flash/cuDNN) kernels don't take 3-D ones.
+    q4, k4, v4 = (t.reshape(-1, *t.shape[-3:]).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q4, k4, v4)
+    return out.transpose(1, 2).reshape(*q.shape[:-2], -1)
 
 
 class RMSNorm(nn.Module):
@@ -372,7 +374,7 @@ class LiveAvatarDiT(nn.Module):
 
     def prefill_layers(self, tokens, e6_zero, positions, text_kv, cache: CondCache):
         """Run the conditioning tokens through this instance's layers at t=0; store un-roped K and V."""
-        rope = rope_table(positions, self.cfg.rope_split)
+        rope = rope_table(positions.to(tokens.device), self.cfg.rope_split)
         e6 = e6_zero[:1]
         for i in self.layer_ids:
             stash = {}
@@ -392,8 +394,10 @@ class LiveAvatarDiT(nn.Module):
         frames = tokens.shape[0] // inp.tokens_per_frame
         f0 = inp.start // inp.tokens_per_frame
         rows, cols = inp.grid
-        rope = rope_table(grid_positions(range(f0, f0 + frames), range(rows), range(cols)), cfg.rope_split)
-        cond_pos = cond.positions.clone()
+        device = tokens.device
+        positions = grid_positions(range(f0, f0 + frames), range(rows), range(cols)).to(device)
+        rope = rope_table(positions, cfg.rope_split)
+        cond_pos = cond.positions.to(device, copy=True)
         cond_pos[: cond.num_ref_tokens, 0] += inp.ref_shift
         cond_rope = rope_table(cond_pos, cfg.rope_split)
         e6 = inp.e6

@@ -24,7 +24,7 @@ def rope_table(positions: torch.Tensor, split: tuple[int, int, int]) -> tuple[to
     positions: int64 [tokens, 3] = (time, height, width) position of each token.
     """
     angles = [
-        positions[:, axis : axis + 1].to(torch.float64) * axis_frequencies(n)[None, :]
+        positions[:, axis : axis + 1].to(torch.float64) * axis_frequencies(n).to(positions.device)[None, :]
         for axis, n in enumerate(split)
     ]
     angle = torch.cat(angles, dim=1)
