@@ -135,6 +135,7 @@ class VideoWriter:
         self.preset = preset
         self.frames_written = 0
         self.audio_samples_written = 0
+        self._last_audio_pts: int | None = None
         self._closed = False
         self._audio = _AudioSource(audio_path) if audio_path is not None else None
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -185,37 +186,42 @@ class VideoWriter:
             for packet in self._video.encode(frame):
                 self._container.mux(packet)
             self.frames_written += 1
-        self._write_audio_until(self._audio_target())
+        self._keep_audio_ahead()
 
     # -- audio ------------------------------------------------------------------------------
 
-    def _audio_target(self) -> int:
-        """48 kHz samples that span the frames written so far."""
-        return self.frames_written * AUDIO_RATE // self.fps
-
-    def _write_audio_until(self, target: int, final: bool = False) -> None:
+    def _feed_audio(self, n: int) -> None:
+        """Encode the next ``n`` source samples and mux the packets that come out."""
         import av
 
-        if self._astream is None:
-            return
-        n = target - self.audio_samples_written
-        if not final:
-            n -= n % AAC_FRAME  # whole AAC frames only until the end
-        if n <= 0:
-            return
         data = self._audio.read(n)
         frame = av.AudioFrame.from_ndarray(data, format="fltp", layout=self._audio.layout)
         frame.sample_rate = AUDIO_RATE
         frame.pts = self.audio_samples_written
         frame.time_base = Fraction(1, AUDIO_RATE)
         for packet in self._astream.encode(frame):
+            self._last_audio_pts = int(packet.pts * packet.time_base * AUDIO_RATE)
             self._container.mux(packet)
         self.audio_samples_written += n
+
+    def _keep_audio_ahead(self) -> None:
+        """Mux whole AAC frames until an audio packet starts after the last video frame.
+
+        The muxer's interleaver releases a video packet only once every stream has a later packet
+        queued; the block's last frame (a keyframe) must be released so that the fragment before
+        it is written out. The AAC encoder returns packets 2048 samples behind its input, so the
+        audio runs at most 1152 samples (24 ms) past the video end.
+        """
+        if self._astream is None:
+            return
+        last_frame = (self.frames_written - 1) * AUDIO_RATE // self.fps
+        while self._last_audio_pts is None or self._last_audio_pts <= last_frame:
+            self._feed_audio(AAC_FRAME)
 
     # -- closing ----------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Flush the encoders; the audio ends exactly where the video ends."""
+        """Flush the encoders; the audio ends where the video ends (within 24 ms)."""
         if self._closed:
             return
         self._closed = True
@@ -223,10 +229,12 @@ class VideoWriter:
             if self._video is not None:
                 for packet in self._video.encode(None):
                     self._container.mux(packet)
-                self._write_audio_until(self._audio_target(), final=True)
-            if self._astream is not None and self._video is not None:
-                for packet in self._astream.encode(None):
-                    self._container.mux(packet)
+                if self._astream is not None:
+                    end = self.frames_written * AUDIO_RATE // self.fps
+                    if end > self.audio_samples_written:
+                        self._feed_audio(end - self.audio_samples_written)
+                    for packet in self._astream.encode(None):
+                        self._container.mux(packet)
         finally:
             if self._audio is not None:
                 self._audio.close()

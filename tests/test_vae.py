@@ -216,7 +216,9 @@ def test_output_device_and_bf16(tiny_pth, cfg):
     dec = vae16.streaming_decoder(output_device="cpu")
     out = dec.warmup(d["motion_latents"])  # float32 latents are moved/cast to the VAE's device and dtype
     assert out.dtype == torch.bfloat16 and out.device.type == "cpu"
-    assert max_err(out, d["warmup_out"]) < 0.15  # bf16 math vs the float32 fixture
+    # bf16 weights and activations vs the float32 fixture (measured here: max 0.14, mean 0.012)
+    err = (out.float() - d["warmup_out"]).abs()
+    assert err.max() < 0.4 and err.mean() < 0.03
 
 
 def test_tiling(vae):

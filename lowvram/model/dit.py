@@ -372,11 +372,11 @@ class LiveAvatarDiT(nn.Module):
         """Cross-attention keys/values of the embedded text for this instance's layers (constant per prompt)."""
         return {i: self.blocks[str(i)].cross_attn.key_value(text) for i in self.layer_ids}
 
-    def prefill_layers(self, tokens, e6_zero, positions, text_kv, cache: CondCache):
-        """Run the conditioning tokens through this instance's layers at t=0; store un-roped K and V."""
+    def prefill_layers(self, tokens, e6_zero, positions, text_kv, cache: CondCache, layers: list[int] | None = None):
+        """Run the conditioning tokens through this instance's layers (or a subset) at t=0; store un-roped K and V."""
         rope = rope_table(positions.to(tokens.device), self.cfg.rope_split)
         e6 = e6_zero[:1]
-        for i in self.layer_ids:
+        for i in self.layer_ids if layers is None else layers:
             stash = {}
 
             def kv_fn(k_roped, v, k_raw, stash=stash):
@@ -388,8 +388,9 @@ class LiveAvatarDiT(nn.Module):
             cache.layers[i] = LayerCond(stash["k"], stash["v"], tk, tv)
         return tokens
 
-    def run_layers(self, tokens: torch.Tensor, inp: BlockInputs, cond: CondCache, kv: StepKV) -> torch.Tensor:
-        """One inference forward through this instance's layers (noisy tokens only)."""
+    def run_layers(self, tokens: torch.Tensor, inp: BlockInputs, cond: CondCache, kv: StepKV,
+                   layers: list[int] | None = None) -> torch.Tensor:
+        """One inference forward through this instance's layers, or the given subset (noisy tokens only)."""
         cfg = self.cfg
         frames = tokens.shape[0] // inp.tokens_per_frame
         f0 = inp.start // inp.tokens_per_frame
@@ -401,7 +402,7 @@ class LiveAvatarDiT(nn.Module):
         cond_pos[: cond.num_ref_tokens, 0] += inp.ref_shift
         cond_rope = rope_table(cond_pos, cfg.rope_split)
         e6 = inp.e6
-        for i in self.layer_ids:
+        for i in self.layer_ids if layers is None else layers:
             lc = cond.layers[i]
 
             def kv_fn(k_roped, v, k_raw, i=i, lc=lc):
