@@ -568,14 +568,20 @@ class LoraWeights:
         a_entry, b_entry = self.targets[module]
         a = read_tensor(a_entry, _files).to(device=device, dtype=torch.float32)
         b = read_tensor(b_entry, _files).to(device=device, dtype=torch.float32)
-        return (b @ a) * self.scale
+        delta = b @ a
+        delta *= self.scale
+        return delta
 
     def merge(self, key: str, weight: torch.Tensor, _files: dict | None = None) -> torch.Tensor:
         """W' = to_dtype(float32(W) + delta) for a targeted weight (peft's merge_and_unload); else W unchanged."""
         module = self.target_of(key)
         if module is None:
             return weight
-        return (weight.float() + self.delta(module, weight.device, _files)).to(weight.dtype)
+        merged = self.delta(module, weight.device, _files)
+        merged += weight  # float32 + float32(W): the same sum as float32(W) + delta, without a float32 copy of W
+        if weight.dtype == torch.float32:
+            return merged
+        return weight.copy_(merged)  # rounds to the weight's dtype (nearest-even), reusing its memory
 
     def summary(self) -> dict:
         return {

@@ -9,10 +9,12 @@ a run killed at any point leaves a playable file with everything written so far:
   so decoders drop the 1024 priming samples and audio stays in sync;
 * x264 runs with ``tune=zerolatency`` (no B-frames, no look-ahead), so every frame comes out of
   the encoder as soon as it goes in;
-* a keyframe is forced on the **last** frame of every block: a fragment is cut when a keyframe
-  arrives, so when :meth:`VideoWriter.write` returns, everything up to the block's last frame is
-  on disk (``flush_packets=1`` writes each packet through), and a kill loses at most that one
-  frame (40 ms) of the last block;
+* a keyframe is forced on the **second-to-last** frame of every block: a fragment is cut when a
+  keyframe arrives, so when :meth:`VideoWriter.write` returns, everything before it is on disk
+  (``flush_packets=1`` writes each packet through), and a kill loses at most the last two frames
+  (80 ms) of the last block written (the keyframe is not on the last frame because the muxer
+  only passes a video packet on once audio up to its time is queued, and the AAC encoder lags
+  its input by 64 ms: audio far enough ahead for the last frame could not be taken back on close);
 * after each block the audio for the time covered so far is encoded and muxed with it.
 
 Audio is encoded at 48 kHz (AAC frames are 1024 samples = 21.3 ms, so the AAC tail padding stays
@@ -35,6 +37,7 @@ FPS = 25
 AUDIO_RATE = 48000
 AAC_FRAME = 1024
 MOVFLAGS = "frag_keyframe+delay_moov+default_base_moof"
+KEYFRAME_FROM_END = 1  # the keyframe that cuts a fragment: the block's second-to-last frame
 
 
 def _to_uint8_frames(frames) -> np.ndarray:
@@ -136,6 +139,7 @@ class VideoWriter:
         self.frames_written = 0
         self.audio_samples_written = 0
         self._last_audio_pts: int | None = None
+        self._cut_frame: int | None = None  # the keyframe forced in the last write, if any
         self._closed = False
         self._audio = _AudioSource(audio_path) if audio_path is not None else None
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -177,12 +181,15 @@ class VideoWriter:
         elif (arr.shape[1], arr.shape[2]) != (self._video.height, self._video.width):
             raise ValueError(f"frame size {arr.shape[2]}x{arr.shape[1]} differs from the video's "
                              f"{self._video.width}x{self._video.height}")
-        last = arr.shape[0] - 1
+        # one-frame writes cut no fragment (their keyframe would be the last frame, see above)
+        cut = arr.shape[0] - 1 - KEYFRAME_FROM_END
+        self._cut_frame = None
         for i in range(arr.shape[0]):
             frame = av.VideoFrame.from_ndarray(arr[i], format="rgb24")
             frame.pts = self.frames_written
-            if i == last:  # cut a fragment here: everything before this frame reaches the disk now
+            if i == cut:  # a fragment starts here: everything before this frame reaches the disk now
                 frame.pict_type = av.video.frame.PictureType.I
+                self._cut_frame = self.frames_written
             for packet in self._video.encode(frame):
                 self._container.mux(packet)
             self.frames_written += 1
@@ -205,23 +212,25 @@ class VideoWriter:
         self.audio_samples_written += n
 
     def _keep_audio_ahead(self) -> None:
-        """Mux whole AAC frames until an audio packet starts after the last video frame.
+        """Mux whole AAC frames until an audio packet starts at or after the block's keyframe.
 
-        The muxer's interleaver releases a video packet only once every stream has a later packet
-        queued; the block's last frame (a keyframe) must be released so that the fragment before
-        it is written out. The AAC encoder returns packets 2048 samples behind its input, so the
-        audio runs at most 1152 samples (24 ms) past the video end.
+        The muxer's interleaver releases a video packet only once every stream has a packet at
+        the same or a later time queued, and the keyframe must reach the MP4 muxer for the
+        fragment before it to be written out. The AAC encoder returns packets 3072 samples behind
+        its input, so with the keyframe two frames (3840 samples) before the block's end the audio
+        fed so far ends between 768 samples before and 255 samples after the video: no audio needs
+        taking back on close.
         """
-        if self._astream is None:
+        if self._astream is None or self._cut_frame is None:
             return
-        last_frame = (self.frames_written - 1) * AUDIO_RATE // self.fps
-        while self._last_audio_pts is None or self._last_audio_pts <= last_frame:
+        key_time = self._cut_frame * AUDIO_RATE // self.fps
+        while self._last_audio_pts is None or self._last_audio_pts < key_time:
             self._feed_audio(AAC_FRAME)
 
     # -- closing ----------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Flush the encoders; the audio ends where the video ends (within 24 ms)."""
+        """Flush the encoders; the audio ends where the video ends (within one AAC frame, 21 ms)."""
         if self._closed:
             return
         self._closed = True

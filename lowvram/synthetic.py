@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from lowvram.checkpoint import (
-    CONFIG_NAME, DTYPE_NAMES, INDEX_NAME, LORA_NAME, LORA_PREFIX, SINGLE_NAME, build_meta_model,
+    CONFIG_NAME, DTYPE_NAMES, INDEX_NAME, LORA_ALPHA, LORA_NAME, LORA_PREFIX, SINGLE_NAME, build_meta_model,
     lora_target_modules,
 )
 from lowvram.model.config import DiTConfig, s2v_14b
@@ -149,9 +149,10 @@ def lora_key(module: str, ab: str, prefixed: bool = True) -> str:
 
 
 def random_lora(cfg: DiTConfig, seed: int = 0, rank: int = 8, dtype: torch.dtype = torch.bfloat16,
-                prefixed: bool = True) -> dict[str, torch.Tensor]:
-    """LoRA tensors for every target module: A [r, in] ~ N(0, 1/in), B [out, r] ~ N(0, 0.01/r), so that the
-    merged delta 0.5·B·A is about 5 % of the weight."""
+                prefixed: bool = True, alpha: float = LORA_ALPHA) -> dict[str, torch.Tensor]:
+    """LoRA tensors for every target module: A [r, in] ~ N(0, 1/in) and B [out, r] scaled so that the merged
+    delta (alpha / r)·B·A is about 5 % of the weight (B ~ N(0, (0.1 / sqrt(r))^2) at the real rank 128)."""
+    b_std = 0.05 / ((alpha / rank) * math.sqrt(rank))
     shapes = {k: tuple(v.shape) for k, v in build_meta_model(cfg).state_dict().items()}
     out = {}
     for module in lora_target_modules(cfg):
@@ -159,7 +160,7 @@ def random_lora(cfg: DiTConfig, seed: int = 0, rank: int = 8, dtype: torch.dtype
         ga = torch.Generator().manual_seed(_key_seed(seed, module + ".A"))
         gb = torch.Generator().manual_seed(_key_seed(seed, module + ".B"))
         a = torch.randn(rank, cols, generator=ga) / math.sqrt(cols)
-        b = torch.randn(rows, rank, generator=gb) * (0.1 / math.sqrt(rank))
+        b = torch.randn(rows, rank, generator=gb) * b_std
         out[lora_key(module, "A", prefixed)] = a.to(dtype)
         out[lora_key(module, "B", prefixed)] = b.to(dtype)
     return out

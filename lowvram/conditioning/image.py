@@ -131,20 +131,28 @@ def resize_short_side(image: np.ndarray, short: int) -> np.ndarray:
     return np.asarray(out, dtype=np.uint8)
 
 
+def crop_plan(h: int, w: int, out_h: int, out_w: int) -> dict[str, int]:
+    """torchvision ``CenterCrop`` geometry for an ``h x w`` image: black padding, then the cut's corner.
+
+    Padding (only where the image is smaller): ``(out - size) // 2`` before, the rest after. Cut:
+    ``top = round((h' - out_h) / 2)``, ``left = round((w' - out_w) / 2)`` on the padded size, with
+    Python's ``round`` (halves to even: 4.5 -> 4).
+    """
+    pad_top = (out_h - h) // 2 if out_h > h else 0
+    pad_bottom = (out_h - h + 1) // 2 if out_h > h else 0
+    pad_left = (out_w - w) // 2 if out_w > w else 0
+    pad_right = (out_w - w + 1) // 2 if out_w > w else 0
+    ph, pw = h + pad_top + pad_bottom, w + pad_left + pad_right
+    return {"pad_top": pad_top, "pad_bottom": pad_bottom, "pad_left": pad_left, "pad_right": pad_right,
+            "top": int(round((ph - out_h) / 2.0)), "left": int(round((pw - out_w) / 2.0))}
+
+
 def center_crop(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    """torchvision ``CenterCrop``: pad with black (floor half before) if smaller, then cut at the rounded centre."""
-    h, w = image.shape[:2]
-    if out_h > h or out_w > w:
-        pad_top = (out_h - h) // 2 if out_h > h else 0
-        pad_bottom = (out_h - h + 1) // 2 if out_h > h else 0
-        pad_left = (out_w - w) // 2 if out_w > w else 0
-        pad_right = (out_w - w + 1) // 2 if out_w > w else 0
-        image = np.pad(image, ((pad_top, pad_bottom), (pad_left, pad_right), (0, 0)), mode="constant")
-        h, w = image.shape[:2]
-        if (h, w) == (out_h, out_w):
-            return image
-    top = int(round((h - out_h) / 2.0))
-    left = int(round((w - out_w) / 2.0))
+    """torchvision ``CenterCrop``: pad with black if smaller, then cut at the rounded centre (:func:`crop_plan`)."""
+    plan = crop_plan(image.shape[0], image.shape[1], out_h, out_w)
+    if plan["pad_top"] or plan["pad_bottom"] or plan["pad_left"] or plan["pad_right"]:
+        image = np.pad(image, ((plan["pad_top"], plan["pad_bottom"]), (plan["pad_left"], plan["pad_right"]), (0, 0)))
+    top, left = plan["top"], plan["left"]
     return np.ascontiguousarray(image[top : top + out_h, left : left + out_w])
 
 

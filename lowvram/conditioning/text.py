@@ -369,14 +369,15 @@ def _quantize_linears(model: torch.nn.Module, mode: str, device: torch.device, c
             if not isinstance(child, torch.nn.Linear):
                 continue
             w = child.weight.data
-            if mode == "int8":
+            if mode == "int8":  # LLM.int8: int8 rows + fp32 row scales, fp16 outlier columns above 6.0
                 q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=False,
-                                        has_fp16_weights=False, threshold=6.0)
-                q.weight = bnb.nn.Int8Params(w.to(torch.float16), requires_grad=False, has_fp16_weights=False)
-            else:
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False,
-                                      compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True)
-                q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=True)
+                                        has_fp16_weights=False, threshold=6.0, device="meta")
+                q.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+            else:  # NF4, blocks of 64, double-quantized absmax, bf16 compute
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False, compute_dtype=compute_dtype,
+                                      quant_type="nf4", compress_statistics=True, device="meta")
+                q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=True,
+                                             module=q)
             q = q.to(device)  # quantizes on the move
             setattr(module, child_name, _Quantized(q))
     return model
@@ -676,8 +677,43 @@ def t5_memory_bytes(config: T5Config | None = None, quantization: str | None = N
             "peak": weights + act}
 
 
+def measure_t5_memory(checkpoint: str | Path, quantization: str | None = None, device: str = "cuda",
+                      dtype: torch.dtype = torch.bfloat16, text_len: int = 512, seed: int = 0) -> dict[str, float]:
+    """Measured (CUDA): load `checkpoint` through the real path, encode one full-length prompt (no padding,
+    the worst case), and report bytes from torch's allocator plus the process's peak host RSS."""
+    import resource
+    import time
+
+    dev = torch.device(device)
+    torch.cuda.synchronize(dev)
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+    model = load_t5_encoder(checkpoint, None, dtype=dtype, device=dev, quantization=quantization)
+    torch.cuda.synchronize(dev)
+    load_s = time.perf_counter() - t0
+    weights = torch.cuda.memory_allocated(dev) - base
+    load_peak = torch.cuda.max_memory_allocated(dev) - base
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (1, text_len), generator=g)
+    ids[0, -1] = EOS_ID
+    mask = torch.ones_like(ids)
+    torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+    out = encoder_forward(model, ids, mask)
+    torch.cuda.synchronize(dev)
+    fwd_s = time.perf_counter() - t0
+    fwd_peak = torch.cuda.max_memory_allocated(dev) - base
+    return {"weights": weights, "load_peak": load_peak, "forward_peak": fwd_peak,
+            "peak": max(load_peak, fwd_peak), "reserved_peak": torch.cuda.max_memory_reserved(dev),
+            "host_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "load_s": load_s, "forward_s": fwd_s, "finite": bool(torch.isfinite(out.float()).all())}
+
+
 __all__ = [
     "T5Config", "TextEncoder", "PromptCache", "clean_prompt", "tokenize", "load_tokenizer", "load_t5_encoder",
     "build_umt5", "convert_t5_state_dict", "hf_keys", "read_state_dict", "check_keys", "file_fingerprint",
-    "encoder_forward", "pad_context", "t5_memory_bytes", "default_cache_dir", "parse_dtype",
+    "encoder_forward", "pad_context", "t5_memory_bytes", "measure_t5_memory", "default_cache_dir", "parse_dtype",
 ]

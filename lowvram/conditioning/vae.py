@@ -697,8 +697,44 @@ def vae_memory_bytes(height: int = 384, width: int = 704, config: VAEConfig | No
     return out
 
 
+def measure_vae_memory(vae: WanVAE, height: int = 384, width: int = 704, tiling: Tiling | None = None,
+                       blocks: int = 3, motion_frames: int = MOTION_FRAMES) -> dict[str, float]:
+    """Measured (CUDA): the TPP sequence at one resolution on `vae.device` — reference + motion encode, then
+    streaming decode (warm-up + `blocks` blocks). Peak bytes include the weights; times are per call."""
+    import time
+
+    dev = vae.device
+    torch.cuda.synchronize(dev)
+    torch.cuda.empty_cache()
+    weights = torch.cuda.memory_allocated(dev)
+    ref = torch.rand(1, 3, 1, height, width, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+    vae.encode_reference(ref, "tpp", tiling)
+    motion = vae.encode_motion(ref, "tpp", motion_frames, tiling)
+    torch.cuda.synchronize(dev)
+    enc_s = time.perf_counter() - t0
+    enc_peak = torch.cuda.max_memory_allocated(dev)
+    dec = vae.streaming_decoder(tiling=tiling, output_device="cpu")
+    torch.cuda.reset_peak_memory_stats(dev)
+    dec.warmup(motion)
+    times = []
+    lat = torch.randn(1, vae.config.z_dim, 3, height // 8, width // 8, generator=torch.Generator().manual_seed(1))
+    for _ in range(blocks):
+        torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        dec.decode_block(lat)
+        torch.cuda.synchronize(dev)
+        times.append(time.perf_counter() - t0)
+    dec_peak = torch.cuda.max_memory_allocated(dev)
+    caches = torch.cuda.memory_allocated(dev) - weights - motion.numel() * motion.element_size()
+    return {"weights": weights, "encode_peak": enc_peak, "decode_peak": dec_peak, "decode_caches": caches,
+            "reserved_peak": torch.cuda.max_memory_reserved(dev), "encode_s": enc_s,
+            "decode_block_s": min(times) if times else float("nan")}
+
+
 __all__ = [
     "VAEConfig", "WanVAE", "StreamingDecoder", "SingleGpuClipDecoder", "Tiling", "load_wan_vae",
-    "convert_wan_vae_key", "convert_wan_vae_state_dict", "upstream_keys", "vae_memory_bytes",
+    "convert_wan_vae_key", "convert_wan_vae_state_dict", "upstream_keys", "vae_memory_bytes", "measure_vae_memory",
     "LATENT_MEAN", "LATENT_STD",
 ]

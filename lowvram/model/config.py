@@ -85,6 +85,8 @@ class DiTConfig:
             kwargs[key] = value
         cfg = cls(**kwargs)
         cfg.validate()
+        if "name" not in kwargs and cfg == s2v_14b():
+            cfg = dataclasses.replace(cfg, name="s2v-14b")
         return cfg
 
     @classmethod

@@ -1,0 +1,324 @@
+"""Memory and traffic model of a run: what each GPU holds under a (tp, pp) layout, and whether it fits.
+
+Used by `lowvram plan` and by `lowvram run` before anything is loaded. Everything is computed from shapes
+(a meta-device model) and the per-layer format, so it answers in about a second for the 14B model.
+
+Per GPU: weights slice + the 4 timestep-forced KV caches of its layers (its heads under TP) + the shared
+conditioning cache and text K/V + transient activations + CUDA context; the VAE decoder sits on the least
+loaded GPU. Pipeline stages over layers are fed a wavefront of independent (block, step) items, so all
+stages stay busy and throughput scales with the stage count; tensor parallelism adds all-reduces.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from lowvram.kernels.linear import KEEP_BF16, weight_bytes
+from lowvram.model.config import DiTConfig
+from lowvram.model.dit import LiveAvatarDiT
+
+GiB = 1024 ** 3
+CUDA_CONTEXT = 0.6 * GiB  # context + cuBLAS/cuDNN workspaces, measured ~0.5-0.7 GiB on Ada/Hopper
+FRAGMENTATION = 1.05  # caching-allocator slack on top of the live peak
+VAE_DECODE = 2.2 * GiB  # Wan2.1 VAE weights (bf16) + streaming decode working set at 704x384 [estimate]
+STEPS_IN_FLIGHT = 4
+
+# Dense tensor throughput per GPU model (TFLOP/s) and an efficiency factor for a real forward.
+GPU_MODELS = {
+    "rtx4090": {"bf16": 165, "fp8": 330, "int8": 330, "int4": 165, "fp8_ok": True, "pcie_GBps": 20},
+    "rtx3090": {"bf16": 71, "fp8": 0, "int8": 142, "int4": 71, "fp8_ok": False, "pcie_GBps": 12},
+    "h100": {"bf16": 790, "fp8": 1580, "int8": 1580, "int4": 790, "fp8_ok": True, "pcie_GBps": 50, "nvlink_GBps": 300},
+}
+EFFICIENCY = 0.45
+
+
+@dataclass
+class RunShape:
+    height: int = 704
+    width: int = 384
+    kv_bytes: int = 2  # bf16; 1 with --kv fp8
+
+    def latent_hw(self) -> tuple[int, int]:
+        return self.height // 8, self.width // 8
+
+
+@dataclass
+class Layout:
+    tp: int
+    pp: int
+    stages: list[list[int]]
+    per_gpu_bytes: list[dict] = field(default_factory=list)
+    peak_bytes: int = 0
+    fits: bool = False
+    comm_bytes_per_block: int = 0
+    seconds_per_block: float = 0.0
+    mode: str = "resident"  # or "offload": other steps' caches in host RAM (one GPU)
+    host_bytes: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"tp{self.tp}xpp{self.pp}" + ("-offload" if self.mode == "offload" else "")
+
+
+def parse_gpus(spec: str) -> tuple[int, float]:
+    """'4x24' -> (4, 24 GiB) ; '1x80' -> (1, 80 GiB)."""
+    try:
+        count, size = spec.lower().split("x")
+        return int(count), float(size) * GiB
+    except ValueError:
+        from lowvram.errors import InputError
+
+        raise InputError(f"--gpus {spec!r} is not COUNTxGiB; use e.g. 4x24 or 1x80") from None
+
+
+def parse_size(spec: str) -> tuple[int, int]:
+    from lowvram.errors import InputError
+
+    try:
+        h, w = (int(v) for v in spec.replace("x", "*").split("*"))
+    except ValueError:
+        raise InputError(f"--size {spec!r} is not H*W; use e.g. 704*384") from None
+    if h % 64 or w % 64 or h <= 0 or w <= 0:
+        raise InputError(f"--size {spec}: height and width must be positive multiples of 64 (e.g. 704*384)")
+    return h, w
+
+
+def layer_param_bytes(cfg: DiTConfig, recipe: dict[str, str] | None, default_fmt: str) -> tuple[dict[int, int], dict[str, int]]:
+    """Bytes of each transformer layer (with its audio injector) and of the non-block groups at the formats."""
+    with torch.device("meta"):
+        model = LiveAvatarDiT(cfg)
+    per_layer = {i: 0 for i in range(cfg.num_layers)}
+    inject_layer = dict(enumerate(cfg.audio_inject_layers))
+    groups: dict[str, int] = {}
+    linear_weights = set()
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            fmt = (recipe or {}).get(name) or ("bf16" if any(k in name for k in KEEP_BF16) else default_fmt)
+            nbytes = weight_bytes(mod.out_features, mod.in_features, fmt)
+            linear_weights.add(name + ".weight")
+            add_bytes(name, nbytes, per_layer, inject_layer, groups)
+    for name, p in model.named_parameters():
+        if name not in linear_weights:
+            add_bytes(name.rsplit(".", 1)[0] if "." in name else name, p.numel() * 2, per_layer, inject_layer, groups)
+    return per_layer, groups
+
+
+def add_bytes(name: str, nbytes: int, per_layer, inject_layer, groups) -> None:
+    parts = name.split(".")
+    if parts[0] == "blocks":
+        per_layer[int(parts[1])] += nbytes
+    elif parts[0] == "audio_injector":
+        per_layer[inject_layer[int(parts[2])]] += nbytes
+    else:
+        groups[parts[0]] = groups.get(parts[0], 0) + nbytes
+
+
+def split_layers(per_layer: dict[int, int], pp: int) -> list[list[int]]:
+    """Contiguous stages with balanced bytes (greedy on the cumulative sum)."""
+    ids = sorted(per_layer)
+    total = sum(per_layer.values())
+    stages, current, acc = [], [], 0
+    for i in ids:
+        current.append(i)
+        acc += per_layer[i]
+        if len(stages) < pp - 1 and acc >= total * (len(stages) + 1) / pp and len(ids) - ids.index(i) - 1 >= pp - len(stages) - 1:
+            stages.append(current)
+            current = []
+    stages.append(current)
+    return [s for s in stages if s] if len(stages) == pp else [ids[k::pp] for k in range(pp)]
+
+
+def stage_memory(cfg: DiTConfig, shape: RunShape, layers: list[int], tp: int, per_layer: dict[int, int],
+                 groups: dict[str, int], first: bool, last: bool, steps_resident: int) -> dict:
+    h, w = shape.latent_hw()
+    fsl = (h // 2) * (w // 2)
+    block_tokens = cfg.frames_per_block * fsl
+    capacity = cfg.blocks_per_clip * block_tokens
+    cond_tokens = fsl + fsl + (h // 4) * (w // 4) + 4 * (h // 8) * (w // 8)
+    width = cfg.dim // tp
+    n = len(layers)
+    weights = sum(per_layer[i] for i in layers) / tp
+    if first:
+        weights += sum(v for k, v in groups.items() if k != "head")
+    if last:
+        weights += groups.get("head", 0)
+    kv = steps_resident * n * capacity * width * 2 * shape.kv_bytes
+    cond = n * cond_tokens * width * 2 * shape.kv_bytes + n * cfg.text_len * width * 2 * 2
+    keys = capacity + cond_tokens
+    act = (keys * width * 2 * 2  # concatenated K and V of one layer (bf16)
+           + block_tokens * cfg.dim * 4 * 3  # fp32 residual, its normalised copy, attention output
+           + block_tokens * cfg.ffn_dim // tp * 2 * 2  # FFN hidden (bf16) and its GELU
+           + cond_tokens * width * 4)  # re-roped conditioning keys (fp32 math)
+    return {"weights": int(weights), "kv_cache": int(kv), "cond_cache": int(cond), "activations": int(act),
+            "cuda_context": int(CUDA_CONTEXT)}
+
+
+def forward_flops(cfg: DiTConfig, shape: RunShape) -> float:
+    h, w = shape.latent_hw()
+    fsl = (h // 2) * (w // 2)
+    q = cfg.frames_per_block * fsl
+    keys = cfg.blocks_per_clip * q + fsl * 2 + (h // 4) * (w // 4) + 4 * (h // 8) * (w // 8)
+    d, f = cfg.dim, cfg.ffn_dim
+    per_layer = 2 * q * (6 * d * d + 2 * d * f) + 4 * q * keys * d + 4 * q * cfg.text_len * d
+    inject = 4 * q * d * d + 20 * q * d
+    return cfg.num_layers * per_layer + len(cfg.audio_inject_layers) * inject
+
+
+def plan_layouts(cfg: DiTConfig, gpus: str, shape: RunShape, fmt: str = "int8", recipe: dict | None = None,
+                 link: str = "pcie", gpu_model: str = "rtx4090", host_ram: float | None = None) -> list[Layout]:
+    count, capacity = parse_gpus(gpus)
+    per_layer, groups = layer_param_bytes(cfg, recipe, fmt)
+    spec = GPU_MODELS[gpu_model]
+    h, w = shape.latent_hw()
+    block_act = cfg.frames_per_block * (h // 2) * (w // 2) * cfg.dim * 2
+    flops_block = STEPS_IN_FLIGHT * forward_flops(cfg, shape)
+    layouts = []
+    for tp in [t for t in (1, 2, 4, 8) if count % t == 0]:
+        pp = count // tp
+        if pp > cfg.num_layers or cfg.num_heads % tp:
+            continue
+        stages = split_layers(per_layer, pp)
+        lay = Layout(tp=tp, pp=pp, stages=stages)
+        for s, layers in enumerate(stages):
+            mem = stage_memory(cfg, shape, layers, tp, per_layer, groups, s == 0, s == pp - 1, STEPS_IN_FLIGHT)
+            lay.per_gpu_bytes.extend([dict(mem, stage=s, layers=f"{layers[0]}-{layers[-1]}") for _ in range(tp)])
+        add_vae_and_totals(lay, capacity)
+        allreduces = cfg.num_layers * 3 + len(cfg.audio_inject_layers)
+        tp_bytes = 0 if tp == 1 else STEPS_IN_FLIGHT * allreduces * 2 * (tp - 1) / tp * block_act
+        pp_bytes = STEPS_IN_FLIGHT * (pp - 1) * block_act
+        lay.comm_bytes_per_block = int(tp_bytes + pp_bytes)
+        bw = spec.get("nvlink_GBps", spec["pcie_GBps"]) if link == "nvlink" else spec["pcie_GBps"]
+        compute = flops_block / (count * spec[fmt if spec.get(fmt) else "bf16"] * 1e12 * EFFICIENCY)
+        lay.seconds_per_block = compute + tp_bytes / (bw * 1e9) + (pp_bytes / pp) / (bw * 1e9)
+        layouts.append(lay)
+    if count == 1:
+        layouts.append(offload_layout(cfg, shape, per_layer, groups, capacity, spec, fmt, flops_block))
+    layouts.sort(key=lambda l: (not l.fits, l.seconds_per_block))
+    return layouts
+
+
+def add_vae_and_totals(lay: Layout, capacity: float) -> None:
+    totals = [sum(v for k, v in m.items() if isinstance(v, int)) for m in lay.per_gpu_bytes]
+    least = min(range(len(totals)), key=totals.__getitem__)
+    lay.per_gpu_bytes[least]["vae_decode"] = int(VAE_DECODE)
+    peaks = [int(sum(v for k, v in m.items() if isinstance(v, int) and k != "stage") * FRAGMENTATION)
+             for m in lay.per_gpu_bytes]
+    for m, p in zip(lay.per_gpu_bytes, peaks):
+        m["peak"] = p
+    lay.peak_bytes = max(peaks)
+    lay.fits = lay.peak_bytes <= capacity
+
+
+def offload_layout(cfg, shape, per_layer, groups, capacity, spec, fmt, flops_block) -> Layout:
+    """One GPU: weights resident, the current step's KV cache resident, the other steps' in pinned host RAM."""
+    layers = sorted(per_layer)
+    lay = Layout(tp=1, pp=1, stages=[layers], mode="offload")
+    mem = stage_memory(cfg, shape, layers, 1, per_layer, groups, True, True, steps_resident=1)
+    per_layer_kv = mem["kv_cache"] / len(layers)
+    mem["prefetch_buffers"] = int(2 * per_layer_kv)  # double-buffered next layer of the next step
+    lay.per_gpu_bytes = [dict(mem, stage=0, layers=f"{layers[0]}-{layers[-1]}")]
+    add_vae_and_totals(lay, capacity)
+    lay.host_bytes = int(mem["kv_cache"] * (STEPS_IN_FLIGHT - 1))
+    h, w = shape.latent_hw()
+    new_rows = cfg.frames_per_block * (h // 2) * (w // 2) * cfg.dim * 2 * shape.kv_bytes * cfg.num_layers
+    traffic = STEPS_IN_FLIGHT * (mem["kv_cache"] + new_rows)
+    lay.comm_bytes_per_block = int(traffic)
+    compute = flops_block / (spec[fmt if spec.get(fmt) else "bf16"] * 1e12 * EFFICIENCY)
+    lay.seconds_per_block = max(compute, traffic / (spec["pcie_GBps"] * 1e9))
+    return lay
+
+
+def suggestions(cfg: DiTConfig, gpus: str, shape: RunShape, fmt: str, gpu_model: str) -> list[str]:
+    """What would make a layout fit, each checked by re-planning."""
+    out = []
+    tries = []
+    if shape.kv_bytes == 2:
+        tries.append(("--kv fp8", dict(shape=RunShape(shape.height, shape.width, 1))))
+    smaller = {"bf16": ("int8", "int4"), "fp8": ("int4",), "int8": ("int4",)}.get(fmt, ())
+    tries += [(f"--format {f}", dict(fmt=f)) for f in smaller]
+    count, size = parse_gpus(gpus)
+    tries.append((f"--gpus {count * 2}x{int(size / GiB)}", dict(gpus=f"{count * 2}x{int(size / GiB)}")))
+    tries.append(("--size 512*512", dict(shape=RunShape(512, 512, shape.kv_bytes))))
+    for label, kw in tries:
+        args = dict(cfg=cfg, gpus=gpus, shape=shape, fmt=fmt, gpu_model=gpu_model)
+        args.update(kw)
+        best = plan_layouts(**args)[0]
+        if best.fits:
+            out.append(f"{label} ({best.name}, peak {best.peak_bytes / GiB:.1f} GiB)")
+    return out
+
+
+def plan_summary(layouts: list[Layout]) -> list[dict]:
+    rows = []
+    for lay in layouts:
+        d = asdict(lay)
+        d["name"] = lay.name
+        d["peak_GiB"] = round(lay.peak_bytes / GiB, 2)
+        d["fps"] = round(12 / lay.seconds_per_block, 2) if lay.seconds_per_block else None
+        rows.append(d)
+    return rows
+
+
+def model_source(model_dir) -> tuple[DiTConfig, dict | None, str | None]:
+    """Config (and per-layer recipe and format, for a quantized folder) from headers/JSON only."""
+    import json
+    from pathlib import Path
+
+    from lowvram.errors import CheckpointError
+
+    d = Path(model_dir)
+    manifest = d / "manifest.json"
+    if manifest.exists():
+        m = json.loads(manifest.read_text())
+        cfg = DiTConfig.from_dict(m.get("config") or m.get("model_config") or {})
+        return cfg, m.get("recipe"), m.get("format")
+    config = d / "config.json" if d.is_dir() else d.parent / "config.json"
+    if not config.exists():
+        raise CheckpointError(f"{d}: no config.json or manifest.json; point at the DiT checkpoint folder "
+                              f"(Wan2.2-S2V-14B/) or a folder written by `lowvram quantize`")
+    return DiTConfig.from_json(config), None, None
+
+
+def plan_report(model_dir, gpus: str, size: str, kv: str, link: str, fmt: str | None, gpu_model: str) -> dict:
+    cfg, recipe, qfmt = model_source(model_dir)
+    h, w = parse_size(size)
+    shape = RunShape(h, w, 1 if kv == "fp8" else 2)
+    fmt = qfmt or fmt or ("fp8" if GPU_MODELS[gpu_model]["fp8_ok"] else "int8")
+    layouts = plan_layouts(cfg, gpus, shape, fmt, recipe, link, gpu_model)
+    best = layouts[0]
+    report = {"model": cfg.name, "gpus": gpus, "size": f"{h}*{w}", "kv": kv, "format": fmt, "link": link,
+              "gpu_model": gpu_model, "layouts": plan_summary(layouts), "chosen": best.name if best.fits else None}
+    if not best.fits:
+        report["suggestions"] = suggestions(cfg, gpus, shape, fmt, gpu_model)
+    return report
+
+
+def plan_renderables(report: dict):
+    from rich.table import Table
+
+    t = Table(title=f"plan: {report['gpus']} GiB, {report['size']}, {report['format']} weights, {report['kv']} KV, "
+                    f"{report['link']} ({report['gpu_model']} throughput model)")
+    for col in ("layout", "stages (layers)", "peak GiB/GPU", "weights", "KV", "cond+text", "act", "host RAM",
+                "comm/block", "s/block", "fps", "fits"):
+        t.add_column(col)
+    for row in report["layouts"]:
+        g = max(row["per_gpu_bytes"], key=lambda m: m["peak"])
+        t.add_row(
+            row["name"] + (" ◀" if row["name"] == report["chosen"] else ""),
+            " | ".join(f"{s[0]}-{s[-1]}" for s in row["stages"]),
+            f"{row['peak_GiB']:.1f}",
+            f"{g['weights'] / GiB:.1f}", f"{g['kv_cache'] / GiB:.1f}", f"{g['cond_cache'] / GiB:.1f}",
+            f"{g['activations'] / GiB:.2f}", f"{row['host_bytes'] / GiB:.1f}",
+            f"{row['comm_bytes_per_block'] / 1e6:.0f} MB", f"{row['seconds_per_block']:.2f}", f"{row['fps']}",
+            "yes" if row["fits"] else "no",
+        )
+    yield t
+    if report["chosen"]:
+        yield f"chosen: {report['chosen']}"
+    else:
+        fixes = "; ".join(report.get("suggestions") or []) or "no single change makes it fit"
+        yield f"nothing fits; would fit with: {fixes}"
