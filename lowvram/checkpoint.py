@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import re
 import struct
 import time
@@ -673,6 +674,29 @@ def read_lora(path: str | Path, expected: DiTConfig | Mapping | None = None, *, 
 # Streaming load
 
 
+_MALLOC_FIXED = False
+
+
+def _fix_malloc_threshold() -> None:
+    """Pin glibc's mmap threshold (128 KiB) so freed large temporaries go back to the OS at once.
+
+    glibc raises the threshold to the size of each freed mmapped block (up to 32 MiB), after which large
+    temporaries (float32 merge buffers) come from the heap between long-lived weights and fragment it: up to
+    +40 % peak RSS was measured on a LoRA merge. Pinning it (what MALLOC_MMAP_THRESHOLD_ does) is process-wide
+    and harmless; skipped when that variable is set or the C library is not glibc.
+    """
+    global _MALLOC_FIXED
+    if _MALLOC_FIXED or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    _MALLOC_FIXED = True
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def _make_filter(key_filter) -> Callable[[str], bool]:
     if key_filter is None:
         return lambda k: True
@@ -719,6 +743,7 @@ def load_state_dict_streaming(
     `W = to_dtype(float32(W) + (float32(B) @ float32(A)) * (alpha / r))`, so peak host memory is the result plus
     about one tensor (plus its float32 copy during a merge).
     """
+    _fix_malloc_threshold()
     index = ckpt if isinstance(ckpt, Mapping) else checkpoint_index(ckpt, allow_pickle=allow_pickle)
     where = ckpt if not isinstance(ckpt, Mapping) else _where(index)
     keep = _make_filter(key_filter)

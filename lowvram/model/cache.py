@@ -39,6 +39,7 @@ class StepKV:
 
     def __init__(self, layers, capacity: int, heads: int, head_dim: int, dtype, device):
         self.capacity = capacity
+        self.dtype = dtype
         shape = (capacity, heads, head_dim)
         self.k = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
         self.v = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
@@ -51,10 +52,11 @@ class StepKV:
         pos = start % self.capacity
         if pos + n > self.capacity:
             raise ValueError("a block must not straddle the end of the KV ring buffer")
-        self.k[layer][pos : pos + n] = k
-        self.v[layer][pos : pos + n] = v
+        self.k[layer][pos : pos + n] = k.to(self.dtype)
+        self.v[layer][pos : pos + n] = v.to(self.dtype)
         valid = min(start + n, self.capacity)
-        return self.k[layer][:valid], self.v[layer][:valid]
+        # An fp8 cache (--kv fp8) is stored at 1 byte per value and widened for the attention kernel.
+        return self.k[layer][:valid].to(k.dtype), self.v[layer][:valid].to(v.dtype)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for d in (self.k, self.v) for t in d.values())
