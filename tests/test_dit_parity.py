@@ -81,7 +81,9 @@ def sample_clip(stream, case):
     blocks, steps = case["relative_dist"].shape
     f = model.cfg.frames_per_block
     assert stream.next_start == int(case["current_start"][0, 0])
-    stream.draws = ShiftDraws(model.cfg, script=case["relative_dist"].flatten().tolist())
+    first = stream.next_start // stream.block_tokens
+    stream.draws = ShiftDraws(model.cfg, script={(first + b, s): int(case["relative_dist"][b, s])
+                                                 for b in range(blocks) for s in range(steps)})
     preds, after, finals = [], [], []
     for b in range(blocks):
         start = stream.next_start

@@ -112,6 +112,14 @@ def test_block_outputs(case, model):
         assert max_err(seen[int(k[len("block"):].split("_")[0])], d[k]) <= TOL, k
 
 
+def test_embedding_on_another_device(tiny_pth, cfg, model):
+    # The 2.1 GB token embedding can stay on the CPU while the blocks run elsewhere (same result).
+    split = load_t5_encoder(tiny_pth, cfg, dtype=torch.float32, device="cpu", embed_device="cpu")
+    d = load_file(FIXTURE / f"{case_names()[0]}.safetensors")
+    a = encoder_forward(split, d["input_ids"], d["attention_mask"], embed_device=torch.device("cpu"))
+    assert torch.equal(a, encoder_forward(model, d["input_ids"], d["attention_mask"]))
+
+
 def test_relative_position_buckets(model):
     b = load_file(FIXTURE / "buckets.safetensors")
     attn = model.encoder.block[0].layer[0].SelfAttention

@@ -50,11 +50,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, full_dim: int | None = None):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
-        self.full_dim = dim
+        self.full_dim = full_dim or dim  # under tensor parallelism this shard holds dim of full_dim channels
         self.group = None  # tensor-parallel group: sum of squares over all shards
 
     def forward(self, x):
@@ -62,18 +62,22 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """q/k/v/o projections with q/k RMSNorm over the full width (all heads jointly)."""
+    """q/k/v/o projections with q/k RMSNorm over the full width (all heads jointly).
 
-    def __init__(self, dim: int, num_heads: int, eps: float):
+    With tp > 1 this shard holds num_heads/tp heads: q/k/v are column-parallel, o is row-parallel.
+    """
+
+    def __init__(self, dim: int, num_heads: int, eps: float, tp: int = 1):
         super().__init__()
-        self.num_heads = num_heads
+        local = dim // tp
+        self.num_heads = num_heads // tp
         self.head_dim = dim // num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = RMSNorm(dim, eps)
-        self.norm_k = RMSNorm(dim, eps)
+        self.q = nn.Linear(dim, local)
+        self.k = nn.Linear(dim, local)
+        self.v = nn.Linear(dim, local)
+        self.o = nn.Linear(local, dim)
+        self.norm_q = RMSNorm(local, eps, full_dim=dim)
+        self.norm_k = RMSNorm(local, eps, full_dim=dim)
         self.reduce_group = None  # tensor parallelism: `o` is row-parallel, its output is all-reduced
 
     def heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,14 +113,14 @@ class FeedForward(nn.Sequential):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: DiTConfig):
+    def __init__(self, cfg: DiTConfig, tp: int = 1):
         super().__init__()
         self.eps = cfg.eps
         self.modulation = nn.Parameter(torch.zeros(1, 6, cfg.dim))
-        self.self_attn = Attention(cfg.dim, cfg.num_heads, cfg.eps)
+        self.self_attn = Attention(cfg.dim, cfg.num_heads, cfg.eps, tp)
         self.norm3 = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=True)
-        self.cross_attn = Attention(cfg.dim, cfg.num_heads, cfg.eps)
-        self.ffn = FeedForward(cfg.dim, cfg.ffn_dim)
+        self.cross_attn = Attention(cfg.dim, cfg.num_heads, cfg.eps, tp)
+        self.ffn = FeedForward(cfg.dim, cfg.ffn_dim // tp)
 
     def forward(self, x, e6, rope, kv_fn, text_k, text_v):
         """x [L, dim]; e6 [G, 6, dim] float32 for G equal groups of tokens (one per latent frame);
@@ -165,10 +169,10 @@ class AdaLayerNorm(nn.Module):
 
 
 class AudioInjector(nn.Module):
-    def __init__(self, cfg: DiTConfig):
+    def __init__(self, cfg: DiTConfig, tp: int = 1):
         super().__init__()
         ids = [str(j) for j in range(len(cfg.audio_inject_layers))]
-        self.injector = nn.ModuleDict({j: Attention(cfg.dim, cfg.num_heads, cfg.eps) for j in ids})
+        self.injector = nn.ModuleDict({j: Attention(cfg.dim, cfg.num_heads, cfg.eps, tp) for j in ids})
         self.injector_adain_layers = nn.ModuleDict({j: AdaLayerNorm(cfg.dim) for j in ids})
 
 
@@ -275,10 +279,15 @@ def sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
 class LiveAvatarDiT(nn.Module):
     """The streaming S2V DiT. `layers` selects which transformer layers this instance holds (a stage)."""
 
-    def __init__(self, cfg: DiTConfig, layers: range | None = None, embeddings: bool = True, head: bool = True):
+    def __init__(self, cfg: DiTConfig, layers: range | list[int] | None = None, embeddings: bool = True,
+                 head: bool = True, tp: int = 1):
         super().__init__()
         cfg.validate()
+        if cfg.num_heads % tp or cfg.ffn_dim % tp:
+            raise ValueError(f"tensor parallel size {tp} must divide heads {cfg.num_heads} and ffn_dim {cfg.ffn_dim}")
         self.cfg = cfg
+        self.tp = tp
+        self.has_embeddings, self.has_head = embeddings, head
         self.layer_ids = list(range(cfg.num_layers) if layers is None else layers)
         d = cfg.dim
         if embeddings:
@@ -290,10 +299,10 @@ class LiveAvatarDiT(nn.Module):
             self.trainable_cond_mask = nn.Embedding(3, d)
             self.casual_audio_encoder = CausalAudioEncoder(cfg)  # sic: the checkpoint's spelling
             self.frame_packer = FramePacker(cfg)
-        self.blocks = nn.ModuleDict({str(i): Block(cfg) for i in self.layer_ids})
+        self.blocks = nn.ModuleDict({str(i): Block(cfg, tp) for i in self.layer_ids})
         injected = [j for j, layer in enumerate(cfg.audio_inject_layers) if layer in self.layer_ids]
         if injected:
-            self.audio_injector = AudioInjector(cfg)
+            self.audio_injector = AudioInjector(cfg, tp)
             for name in list(self.audio_injector.injector.keys()):
                 if int(name) not in injected:
                     del self.audio_injector.injector[name]

@@ -36,18 +36,21 @@ def reference_shift(cfg: DiTConfig, frame0: int, relative_dist: int) -> int:
 
 
 class ShiftDraws:
-    """The per-forward random `relative_dist` draws; seedable (upstream uses the unseeded global `random`)."""
+    """The per-forward `relative_dist` draws (upstream: unseeded global `random.randint(4, 30)` per call).
 
-    def __init__(self, cfg: DiTConfig, seed: int | None = None, script: list[int] | None = None):
+    Keyed by (block, step) rather than by call order, so every schedule (sequential, pipeline wavefront,
+    tensor-parallel ranks) draws the same values for a seed. `script` pins values for (block, step) keys.
+    """
+
+    def __init__(self, cfg: DiTConfig, seed: int | None = None, script: dict[tuple[int, int], int] | None = None):
         self.lo, self.hi = cfg.ref_shift_range
-        self.rng = random.Random(seed)
-        self.script = list(script) if script is not None else None
-        self.drawn: list[int] = []
+        self.seed = random.SystemRandom().randrange(2**31) if seed is None else seed
+        self.script = dict(script or {})
 
-    def __call__(self) -> int:
-        value = self.script.pop(0) if self.script else self.rng.randint(self.lo, self.hi)
-        self.drawn.append(value)
-        return value
+    def __call__(self, block: int, step: int) -> int:
+        if (block, step) in self.script:
+            return self.script[(block, step)]
+        return random.Random(f"{self.seed}:{block}:{step}").randint(self.lo, self.hi)
 
 
 @dataclass
@@ -61,7 +64,7 @@ class Stream:
     """Holds the prefilled conditioning cache and the per-step noisy caches of one stream on one device."""
 
     def __init__(self, model: LiveAvatarDiT, cond: Conditioning, latent_hw: tuple[int, int],
-                 draws: Callable[[], int] | None = None, kv_dtype: torch.dtype | None = None):
+                 draws: Callable[[int, int], int] | None = None, kv_dtype: torch.dtype | None = None):
         self.model = model
         self.cfg = cfg = model.cfg
         self.latent_hw = latent_hw
@@ -102,7 +105,7 @@ class Stream:
         t = self.timesteps[step].expand(frames).to(x.device)
         e, e6 = m.time_modulation(t)
         audio_global, audio_tokens = m.encode_audio(audio_input)
-        rd = self.draws() if relative_dist is None else relative_dist
+        rd = self.draws(start // self.block_tokens, step) if relative_dist is None else relative_dist
         inp = BlockInputs(e6=e6, audio_global=audio_global, audio_tokens=audio_tokens, start=start,
                           ref_shift=reference_shift(cfg, start // self.fsl, rd),
                           tokens_per_frame=self.fsl, grid=self.grid)

@@ -1,0 +1,252 @@
+"""The parallel DiT engine: pipeline stages over layers fed a wavefront of (block, step) items, tensor
+parallelism inside a stage, one process per rank over torch.distributed (NCCL on GPUs, gloo on CPU).
+
+Under timestep forcing, step s of block b needs only the latent of (b, s-1) and step s's KV cache of the
+previous blocks, so (b, 3), (b+1, 2), (b+2, 1), (b+3, 0) are independent. Every rank walks the same static
+schedule: blocks in chunks of `pp`; within a chunk, step by step, block by block. Item (b, s) then enters
+stage 0 exactly `pp` slots after (b, s-1) did, which is when (b, s-1) has left the last stage: all stages stay
+busy and the order needs no negotiation. Stage k sends the hidden states of each item to stage k+1; the last
+stage applies the head and the Euler step and returns the latent to stage 0 for the next step. TP rank r of a
+stage talks only to TP rank r of its neighbours (activations are replicated inside a TP group).
+The degenerate case (one rank) runs the same loop without torch.distributed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from lowvram.model.cache import CondCache, StepKV
+from lowvram.model.dit import BlockInputs, LiveAvatarDiT
+from lowvram.model.sampler import ShiftDraws, flow_schedule, reference_shift
+
+
+def wavefront_schedule(num_blocks: int, steps: int, pp: int) -> list[tuple[int, int]]:
+    """(block, step) items in the order every stage processes them."""
+    order = []
+    for first in range(0, num_blocks, pp):
+        chunk = range(first, min(first + pp, num_blocks))
+        order += [(b, s) for s in range(steps) for b in chunk]
+    return order
+
+
+@dataclass
+class Topology:
+    """Where this rank sits: stage (pipeline index) and tp_rank (index inside the stage's TP group)."""
+
+    rank: int = 0
+    world: int = 1
+    tp: int = 1
+    pp: int = 1
+    tp_group: object = None
+
+    @property
+    def stage(self) -> int:
+        return self.rank // self.tp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def last(self) -> bool:
+        return self.stage == self.pp - 1
+
+    def peer(self, stage: int) -> int:
+        return stage * self.tp + self.tp_rank
+
+
+def make_topology(tp: int, pp: int) -> Topology:
+    """After init_process_group: ranks [stage*tp, (stage+1)*tp) form each stage's TP group."""
+    if not dist.is_initialized():
+        if tp * pp != 1:
+            raise RuntimeError("tp x pp > 1 needs torch.distributed to be initialised")
+        return Topology()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if tp * pp != world:
+        raise ValueError(f"tp {tp} x pp {pp} != world size {world}")
+    topo = Topology(rank=rank, world=world, tp=tp, pp=pp)
+    for stage in range(pp):  # every rank must create every group, in the same order
+        group = dist.new_group(list(range(stage * tp, (stage + 1) * tp))) if tp > 1 else None
+        if stage == topo.stage:
+            topo.tp_group = group
+    return topo
+
+
+@dataclass
+class StreamInputs:
+    """Conditioning computed once before the DiT loads (on the launcher, or rank 0 under torchrun)."""
+
+    context: torch.Tensor  # [Lc, text_dim]
+    ref_latents: torch.Tensor  # [1, 16, 1, h, w]
+    motion_latents: torch.Tensor  # [1, 16, 19, h, w]
+    audio: torch.Tensor  # [1, 25, A, 12 * num_blocks] per-video-frame features
+    num_blocks: int
+    seed: int = 0
+    latent_hw: tuple[int, int] = (0, 0)
+    extra: dict = field(default_factory=dict)
+
+    def block_audio(self, b: int, frames_per_block: int) -> torch.Tensor:
+        n = 4 * frames_per_block
+        return self.audio[..., n * b : n * (b + 1)]
+
+
+def clip_noise(cfg, inputs: StreamInputs, clip: int) -> torch.Tensor:
+    """Initial noise of one clip from a CPU generator seeded (seed + clip): identical on every layout."""
+    g = torch.Generator().manual_seed(inputs.seed + clip)
+    h, w = inputs.latent_hw
+    return torch.randn(cfg.in_dim, cfg.frames_per_block * cfg.blocks_per_clip, h, w, generator=g)
+
+
+class Channel:
+    """Point-to-point transport of fixed-shape tensors between stages; sends are non-blocking."""
+
+    def __init__(self, device):
+        self.device = device
+        self.pending = []
+
+    def send(self, tensors: list[torch.Tensor], dst: int) -> None:
+        for t in tensors:
+            t = t.contiguous()
+            self.pending.append((dist.isend(t, dst), t))
+        self.pending = [(w, t) for w, t in self.pending if not w.is_completed()]
+
+    def recv(self, like: list[tuple[tuple, torch.dtype]], src: int) -> list[torch.Tensor]:
+        out = []
+        for shape, dtype in like:
+            t = torch.empty(shape, dtype=dtype, device=self.device)
+            dist.recv(t, src)
+            out.append(t)
+        return out
+
+    def flush(self) -> None:
+        for w, _ in self.pending:
+            w.wait()
+        self.pending = []
+
+
+class StageRunner:
+    """Runs this rank's part of a stream: the pipelined prefill, then every (block, step) item."""
+
+    def __init__(self, model: LiveAvatarDiT, topo: Topology, inputs: StreamInputs, kv_dtype=None,
+                 on_latent: Callable[[int, torch.Tensor], None] | None = None):
+        self.model, self.topo, self.inputs = model, topo, inputs
+        self.cfg = cfg = model.cfg
+        self.device = next(model.parameters()).device
+        self.dtype = model.dtype
+        h, w = inputs.latent_hw
+        self.grid = (h // cfg.patch_size[1], w // cfg.patch_size[2])
+        self.fsl = self.grid[0] * self.grid[1]
+        self.block_tokens = cfg.frames_per_block * self.fsl
+        self.timesteps, self.sigmas = flow_schedule(cfg.num_steps, cfg.scheduler_shift)
+        self.draws = ShiftDraws(cfg, seed=inputs.seed)
+        self.kv_dtype = kv_dtype or self.dtype
+        capacity = cfg.blocks_per_clip * self.block_tokens
+        heads = cfg.num_heads // topo.tp
+        self.kv = [StepKV(model.layer_ids, capacity, heads, cfg.head_dim, self.kv_dtype, self.device)
+                   for _ in range(cfg.num_steps)]
+        self.channel = Channel(self.device)
+        self.on_latent = on_latent
+        self.latents: dict[int, torch.Tensor] = {}  # (block) -> latent waiting for its next step (pp == 1)
+        self.kill_after: int | None = None  # tests: die abruptly after this many items
+        self.noise: dict[int, torch.Tensor] = {}
+
+    # ----- shapes of what travels between stages -------------------------------------------------------
+
+    def item_spec(self):
+        cfg, F = self.cfg, self.cfg.frames_per_block
+        h, w = self.inputs.latent_hw
+        return [((self.block_tokens, cfg.dim), self.dtype), ((F, 6, cfg.dim), torch.float32),
+                ((F, cfg.dim), torch.float32), ((F, cfg.dim), self.dtype), ((F, 5, cfg.dim), self.dtype),
+                ((cfg.in_dim, F, h, w), torch.float32)]
+
+    def latent_spec(self):
+        h, w = self.inputs.latent_hw
+        return [((self.cfg.in_dim, self.cfg.frames_per_block, h, w), torch.float32)]
+
+    # ----- prefill ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prefill(self) -> CondCache:
+        m, topo, cfg = self.model, self.topo, self.cfg
+        if topo.first:
+            text = m.embed_text(self.inputs.context.to(self.device))
+            tokens, positions, n_ref = m.embed_cond(self.inputs.ref_latents.to(self.device),
+                                                     self.inputs.motion_latents.to(self.device))
+            _, e6_zero = m.time_modulation(torch.zeros(1, device=self.device))
+            meta = torch.tensor([tokens.shape[0], n_ref], dtype=torch.int64, device=self.device)
+        else:
+            meta, = self.channel.recv([((2,), torch.int64)], topo.peer(topo.stage - 1))
+            n_tok = int(meta[0])
+            text, tokens, positions, e6_zero = self.channel.recv(
+                [((cfg.text_len, cfg.dim), self.dtype), ((n_tok, cfg.dim), self.dtype), ((n_tok, 3), torch.int64),
+                 ((1, 6, cfg.dim), torch.float32)], topo.peer(topo.stage - 1))
+            n_ref = int(meta[1])
+        cache = CondCache(positions=positions, num_ref_tokens=n_ref)
+        tokens = m.prefill_layers(tokens, e6_zero, positions, m.text_kv(text), cache)
+        if not topo.last:
+            self.channel.send([meta, text, tokens, positions, e6_zero], topo.peer(topo.stage + 1))
+        return cache
+
+    # ----- the item loop ------------------------------------------------------------------------------------
+
+    def block_noise(self, b: int) -> torch.Tensor:
+        cfg = self.cfg
+        clip, within = divmod(b, cfg.blocks_per_clip)
+        if clip not in self.noise:
+            self.noise = {clip: clip_noise(cfg, self.inputs, clip)}
+        f = cfg.frames_per_block
+        return self.noise[clip][:, within * f : (within + 1) * f].to(self.device)
+
+    @torch.no_grad()
+    def run(self) -> None:
+        cond = self.prefill()
+        m, topo, cfg = self.model, self.topo, self.cfg
+        for n, (b, s) in enumerate(wavefront_schedule(self.inputs.num_blocks, cfg.num_steps, topo.pp)):
+            if self.kill_after is not None and n >= self.kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+            start = b * self.block_tokens
+            if topo.first:
+                if s == 0:
+                    x = self.block_noise(b)
+                elif topo.pp == 1:
+                    x = self.latents.pop(b)
+                else:
+                    x, = self.channel.recv(self.latent_spec(), topo.peer(topo.pp - 1))
+                t = self.timesteps[s].expand(cfg.frames_per_block).to(self.device)
+                e, e6 = m.time_modulation(t)
+                audio = self.inputs.block_audio(b, cfg.frames_per_block).to(self.device)
+                audio_global, audio_tokens = m.encode_audio(audio)
+                pose = torch.zeros(1, cfg.cond_dim, cfg.frames_per_block, *self.inputs.latent_hw, device=self.device)
+                tokens = m.embed_noisy(x, pose)
+                audio_global, audio_tokens = audio_global.to(self.dtype), audio_tokens.to(self.dtype)
+            else:
+                tokens, e6, e, audio_global, audio_tokens, x = self.channel.recv(
+                    self.item_spec(), topo.peer(topo.stage - 1))
+            inp = BlockInputs(e6=e6, audio_global=audio_global, audio_tokens=audio_tokens, start=start,
+                              ref_shift=reference_shift(cfg, start // self.fsl, self.draws(b, s)),
+                              tokens_per_frame=self.fsl, grid=self.grid)
+            tokens = m.run_layers(tokens.to(self.dtype), inp, cond, self.kv[s])
+            if not topo.last:
+                self.channel.send([tokens, e6, e, audio_global, audio_tokens, x], topo.peer(topo.stage + 1))
+                continue
+            v = m.head_out(tokens, e, (cfg.frames_per_block, *self.grid))
+            x = x + (self.sigmas[s + 1] - self.sigmas[s]) * v
+            if s < cfg.num_steps - 1:
+                if topo.pp == 1:
+                    self.latents[b] = x
+                else:
+                    self.channel.send([x], topo.peer(0))
+            elif self.on_latent is not None and topo.tp_rank == 0:
+                self.on_latent(b, x.cpu())
+        if topo.world > 1:
+            self.channel.flush()

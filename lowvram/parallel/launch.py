@@ -1,0 +1,135 @@
+"""Process launch and fault handling for the parallel engine.
+
+`lowvram run` spawns one worker per rank (NCCL on GPUs, gloo on CPU) and stays alive as the sink: workers
+send finished block latents back over a queue, and the launcher decodes and writes them. If a worker dies
+(or raises), every other worker is terminated within seconds, the launcher reports one line naming the rank
+and the cause, and what was already written stays playable. Under an external `torchrun` (RANK/WORLD_SIZE
+set) the same worker code runs in-process and the last stage's TP rank 0 is the sink.
+"""
+
+from __future__ import annotations
+
+import os
+import queue as queue_mod
+import signal
+import socket
+import time
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lowvram.errors import LowvramError
+
+WORKER_TIMEOUT_S = 60
+
+
+class RankFailed(LowvramError):
+    exit_code = 4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def init_distributed(rank: int, world: int, backend: str, port: int | None = None) -> None:
+    if world == 1 and not under_torchrun():
+        return
+    if port is not None:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = str(port)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=WORKER_TIMEOUT_S))
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.barrier()  # gloo aborts a rank that tears down while a peer still talks to it
+        dist.destroy_process_group()
+
+
+def _worker_entry(rank, world, port, backend, fn, args, out_queue):
+    """Body of a spawned worker: one line back on error, exit code 1."""
+    try:
+        if backend == "gloo":
+            torch.set_num_threads(1)
+        init_distributed(rank, world, backend, port)
+        fn(rank, world, out_queue, *args)
+        shutdown_distributed()
+        out_queue.put(("done", rank, None))
+    except BaseException as err:  # noqa: BLE001 - reported to the launcher, which decides
+        detail = "".join(traceback.format_exception_only(type(err), err)).strip().splitlines()[-1]
+        if os.environ.get("LOWVRAM_DEBUG"):
+            traceback.print_exc()
+        out_queue.put(("error", rank, detail))
+        os._exit(1)
+
+
+def spawn(fn, args: tuple, world: int, backend: str, on_message, timeout_s: float | None = None) -> None:
+    """Run fn(rank, world, queue, *args) on `world` processes; on_message(kind, rank, payload) gets what they send.
+
+    A worker that exits non-zero or raises ends the run at once (a peer blocked on it would otherwise wait for
+    the collective timeout); with `timeout_s`, so does silence that long. The others are terminated and
+    RankFailed names the rank and the cause.
+    """
+    ctx = mp.get_context("spawn")
+    out_queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker_entry, args=(r, world, port, backend, fn, args, out_queue), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    done: set[int] = set()
+    last_heard = time.monotonic()
+    try:
+        while len(done) < world:
+            try:
+                kind, rank, payload = out_queue.get(timeout=0.2)
+                last_heard = time.monotonic()
+            except queue_mod.Empty:
+                for r, p in enumerate(procs):
+                    if r not in done and p.exitcode is not None and p.exitcode != 0:
+                        raise RankFailed(f"rank {r} died ({describe_exit(p.exitcode)}); the other ranks were stopped")
+                if timeout_s is not None and time.monotonic() - last_heard > timeout_s:
+                    alive = [r for r, p in enumerate(procs) if p.is_alive() and r not in done]
+                    raise RankFailed(f"ranks {alive} sent nothing for {timeout_s:.0f} s; stopped them "
+                                     f"(a hang: check the GPUs and the interconnect)")
+                continue
+            if kind == "done":
+                done.add(rank)
+            elif kind == "error":
+                raise RankFailed(f"rank {rank} failed: {payload}; the other ranks were stopped")
+            else:
+                on_message(kind, rank, payload)
+    finally:
+        stop(procs)
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
+
+
+def stop(procs, grace_s: float = 5.0) -> None:
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join(1.0)

@@ -1,0 +1,63 @@
+"""What each rank runs: build its stage slice, run the stream, hand finished latents to the sink."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from lowvram.model.config import DiTConfig
+from lowvram.parallel.engine import StageRunner, StreamInputs, make_topology
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16}
+
+
+@dataclass
+class WorkerSpec:
+    source: str  # bf16 checkpoint (folder or single file) or a quantized folder
+    cfg: dict
+    tp: int
+    pp: int
+    stages: list[list[int]]
+    inputs_path: str  # torch.save'd StreamInputs
+    device: str = "cpu"
+    dtype: str = "bfloat16"
+    kv_dtype: str | None = None
+    lora: str | None = None
+    quantized: bool = False
+
+
+def load_stage(spec: WorkerSpec, topo, device):
+    cfg = DiTConfig.from_dict(spec.cfg)
+    layers = spec.stages[topo.stage]
+    if spec.quantized:
+        from lowvram.quantize import load_quantized_stage
+
+        return load_quantized_stage(spec.source, cfg, topo, layers, device=device)
+    from lowvram.parallel.stage import build_stage_from_checkpoint
+
+    return build_stage_from_checkpoint(spec.source, cfg, topo, layers, device=device, dtype=DTYPES[spec.dtype],
+                                       lora=spec.lora)
+
+
+def device_for(spec: WorkerSpec, rank: int) -> torch.device:
+    if spec.device == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def run_worker(rank: int, world: int, out_queue, spec: WorkerSpec) -> None:
+    """Spawned-worker body: finished latents go back to the launcher over `out_queue`."""
+    topo = make_topology(spec.tp, spec.pp)
+    device = device_for(spec, rank)
+    model = load_stage(spec, topo, device)
+    inputs: StreamInputs = torch.load(spec.inputs_path, weights_only=False)
+    kill = os.environ.get("LOWVRAM_TEST_KILL_RANK")  # "rank:item" — fault-injection hook for the tests
+    on_latent = lambda b, x: out_queue.put(("latent", rank, (b, x.numpy())))
+    runner = StageRunner(model, topo, inputs, kv_dtype=DTYPES[spec.kv_dtype] if spec.kv_dtype else None,
+                         on_latent=on_latent)
+    if kill and int(kill.split(":")[0]) == rank:
+        runner.kill_after = int(kill.split(":")[1])
+    runner.run()

@@ -1,0 +1,103 @@
+"""The parallel engine on CPU with gloo: every tp x pp layout reproduces the single-process stream."""
+
+import json
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fixtures import reference_dir
+from lowvram.model.config import DiTConfig
+from lowvram.model.dit import LiveAvatarDiT
+from lowvram.model.sampler import Conditioning, ShiftDraws, Stream
+from lowvram.parallel.engine import StageRunner, StreamInputs, Topology, clip_noise, wavefront_schedule
+from lowvram.parallel.launch import RankFailed, spawn
+from lowvram.parallel.stage import stage_layers
+from lowvram.parallel.worker import WorkerSpec, run_worker
+
+FIXTURE = reference_dir() / "tiny_dit"
+BLOCKS = 3  # one more than a clip: the third block wraps the KV ring buffer
+
+
+def fixture_cfg():
+    fx = json.loads((FIXTURE / "config.json").read_text())
+    return DiTConfig.from_dict({**fx["model"], "blocks_per_clip": fx["pipeline"]["num_blocks"]})
+
+
+@pytest.fixture(scope="module")
+def stream_inputs(tmp_path_factory):
+    case = load_file(FIXTURE / "case_c.safetensors")
+    cfg = fixture_cfg()
+    g = torch.Generator().manual_seed(5)
+    audio = torch.randn(1, 25, cfg.audio_dim, 4 * cfg.frames_per_block * BLOCKS, generator=g)
+    inputs = StreamInputs(context=case["context"], ref_latents=case["ref_latents"],
+                          motion_latents=case["motion_latents"], audio=audio, num_blocks=BLOCKS, seed=7,
+                          latent_hw=tuple(case["initial_noise"].shape[-2:]))
+    path = tmp_path_factory.mktemp("run") / "inputs.pt"
+    torch.save(inputs, path)
+    return inputs, path
+
+
+@pytest.fixture(scope="module")
+def reference_latents(stream_inputs):
+    """The sequential single-process sampler (the parity-tested path) with the engine's noise and draws."""
+    inputs, _ = stream_inputs
+    cfg = fixture_cfg()
+    model = LiveAvatarDiT(cfg)
+    model.load_state_dict(load_file(FIXTURE / "weights.safetensors"))
+    stream = Stream(model, Conditioning(inputs.context, inputs.ref_latents, inputs.motion_latents), inputs.latent_hw,
+                    draws=ShiftDraws(cfg, seed=inputs.seed))
+    out = []
+    f = cfg.frames_per_block
+    for b in range(BLOCKS):
+        clip, within = divmod(b, cfg.blocks_per_clip)
+        noise = clip_noise(cfg, inputs, clip)[:, within * f:(within + 1) * f]
+        pose = torch.zeros(1, 16, f, *inputs.latent_hw)
+        out.append(stream.sample_block(noise, inputs.block_audio(b, f), pose))
+    return torch.stack(out)
+
+
+def test_wavefront_schedule_respects_dependencies():
+    for pp in (1, 2, 3, 4):
+        order = wavefront_schedule(5, 4, pp)
+        pos = {item: i for i, item in enumerate(order)}
+        assert len(order) == 20
+        for (b, s), i in pos.items():
+            if s > 0:
+                assert i - pos[(b, s - 1)] >= min(pp, 5 - (b // pp) * pp)  # the previous step has left the pipe
+            if b > 0:
+                assert pos[(b - 1, s)] < i  # the step cache already holds the previous block
+
+
+def test_single_rank_engine_equals_the_sequential_sampler(stream_inputs, reference_latents):
+    inputs, _ = stream_inputs
+    model = LiveAvatarDiT(fixture_cfg())
+    model.load_state_dict(load_file(FIXTURE / "weights.safetensors"))
+    got = {}
+    StageRunner(model, Topology(), inputs, on_latent=lambda b, x: got.__setitem__(b, x)).run()
+    assert torch.equal(torch.stack([got[b] for b in range(BLOCKS)]), reference_latents)
+
+
+def run_layout(tp, pp, inputs_path, world=None):
+    cfg = fixture_cfg()
+    spec = WorkerSpec(source=str(FIXTURE / "weights.safetensors"), cfg=cfg.to_dict(), tp=tp, pp=pp,
+                      stages=stage_layers(cfg, pp), inputs_path=str(inputs_path), dtype="float32")
+    got = {}
+    spawn(run_worker, (spec,), tp * pp, "gloo", lambda kind, rank, p: got.__setitem__(p[0], torch.from_numpy(p[1])))
+    return torch.stack([got[b] for b in range(BLOCKS)])
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2), (1, 4)])
+def test_layouts_match_the_single_process_reference(tp, pp, stream_inputs, reference_latents):
+    latents = run_layout(tp, pp, stream_inputs[1])
+    err = (latents - reference_latents).abs().max().item()
+    assert err <= 1e-4, err
+
+
+def test_a_killed_rank_ends_the_run_cleanly(stream_inputs, monkeypatch):
+    monkeypatch.setenv("LOWVRAM_TEST_KILL_RANK", "1:3")
+    t0 = time.monotonic()
+    with pytest.raises(RankFailed, match=r"rank 1 died \(killed by SIGKILL\)"):
+        run_layout(1, 2, stream_inputs[1])
+    assert time.monotonic() - t0 < 60
