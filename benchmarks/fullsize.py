@@ -23,10 +23,11 @@ import torch.nn.functional as F
 
 from lowvram.kernels.linear import FP8, quantize_
 from lowvram.model.config import s2v_14b
-from lowvram.model.dit import Block, LiveAvatarDiT
+from lowvram.model.dit import Block, LiveAvatarDiT, fuse_qkv_
 from lowvram.model.sampler import Conditioning, Stream
 
 PROFILE = False
+FUSE_QKV = True
 LAT_HW = (88, 48)  # 704x384 pixels
 FRAMES = 3
 
@@ -70,6 +71,8 @@ def build_model(cfg, fmt: str):
                 p.normal_(0, 0.05)
     if fmt != "bf16":
         quantize_(model, fmt)
+    if FUSE_QKV:
+        fuse_qkv_(model)
     torch.cuda.empty_cache()
     return model.eval()
 
@@ -120,7 +123,9 @@ def bench_format(cfg, fmt: str, whole_block: bool) -> dict:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             stream.forward(x, 0, audio, pose, steady, 10)
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60), flush=True)
+        rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:16]
+        for e in rows:
+            print(f"  {e.device_time_total / 1000:8.2f} ms  {e.count:5d}x  {e.key[:90]}", flush=True)
     if whole_block:
         for s in range(cfg.num_steps):
             stream.step_kv(s)
@@ -194,9 +199,11 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=40, help="fewer layers for a quick look (times scale linearly)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one steady forward")
+    ap.add_argument("--no-fuse", action="store_true", help="keep q, k, v as three GEMMs")
     args = ap.parse_args(argv)
-    global PROFILE
+    global PROFILE, FUSE_QKV
     PROFILE = args.profile
+    FUSE_QKV = not args.no_fuse
     if not torch.cuda.is_available():
         sys.exit("error: benchmarks/fullsize.py needs a CUDA GPU; run it on the device machine")
     cfg = s2v_14b()

@@ -18,6 +18,7 @@ import torch
 from benchmarks.fullsize import LAT_HW, compile_blocks, cuda_time
 from lowvram.kernels.linear import quantize_
 from lowvram.model.cache import CondCache, StepKV
+from lowvram.model.dit import fuse_qkv_
 from lowvram.model.config import s2v_14b
 from lowvram.model.dit import BlockInputs, LiveAvatarDiT
 from lowvram.plan import FRAGMENTATION, GiB, RunShape, layer_param_bytes, split_layers, stage_memory
@@ -65,6 +66,7 @@ def run_stage(cfg, layers, args, kv_name, kv_dtype, per_layer, groups) -> dict:
         model = LiveAvatarDiT(cfg, layers=layers, embeddings=first, head=args.stage == args.stages - 1)
     torch.set_default_dtype(prev)
     quantize_(model, args.format)
+    fuse_qkv_(model)
     torch.cuda.empty_cache()
     h, w = LAT_HW
     fsl = (h // 2) * (w // 2)

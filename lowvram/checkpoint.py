@@ -573,8 +573,10 @@ class LoraWeights:
         delta *= self.scale
         return delta
 
-    def merge(self, key: str, weight: torch.Tensor, _files: dict | None = None) -> torch.Tensor:
-        """W' = to_dtype(float32(W) + delta) for a targeted weight (peft's merge_and_unload); else W unchanged."""
+    def merge(self, key: str, weight: torch.Tensor, _files: dict | None = None, *, inplace: bool = False) -> torch.Tensor:
+        """W' = to_dtype(float32(W) + delta) for a targeted weight (peft's merge_and_unload); else W unchanged.
+
+        `inplace` writes the result into `weight` (no second copy; float32 weights are always returned anew)."""
         module = self.target_of(key)
         if module is None:
             return weight
@@ -582,7 +584,10 @@ class LoraWeights:
         merged += weight  # float32 + float32(W): the same sum as float32(W) + delta, without a float32 copy of W
         if weight.dtype == torch.float32:
             return merged
-        return weight.copy_(merged)  # rounds to the weight's dtype (nearest-even), reusing its memory
+        if not inplace:
+            return merged.to(weight.dtype)
+        with torch.no_grad():
+            return weight.copy_(merged)  # rounds to the weight's dtype (nearest-even), reusing its memory
 
     def summary(self) -> dict:
         return {
@@ -706,7 +711,9 @@ def _make_filter(key_filter) -> Callable[[str], bool]:
     return lambda k: k.startswith(prefixes)
 
 
-def _assign(model: nn.Module, key: str, value: torch.Tensor) -> None:
+def assign_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    """Put `value` in place of the parameter/buffer `key` of `model` (e.g. one on the meta device), keeping
+    its requires_grad flag."""
     owner_name, _, attr = key.rpartition(".")
     owner = model.get_submodule(owner_name) if owner_name else model
     if attr in owner._parameters:
@@ -717,6 +724,9 @@ def _assign(model: nn.Module, key: str, value: torch.Tensor) -> None:
         owner._buffers[attr] = value
     else:
         raise KeyError(key)
+
+
+_assign = assign_tensor  # the older private name, used by lowvram.parallel.stage
 
 
 def load_state_dict_streaming(
@@ -788,9 +798,9 @@ def load_state_dict_streaming(
                 t = t.to(device)
                 t = t.to(dtype) if cast else t
             if lora is not None:
-                t = lora.merge(key, t, files)
+                t = lora.merge(key, t, inplace=True, _files=files)
             if model is not None:
-                _assign(model, key, t)
+                assign_tensor(model, key, t)
             else:
                 result[key] = t
             del t
@@ -868,13 +878,17 @@ def inspect_checkpoint(ckpt: str | Path, lora: str | Path | None = None, *, lora
                  else f"first wrong shape: {keys.mismatched[0][0]!r}")
         report["problem"] = (
             f"{path}: incomplete {cfg.name} checkpoint: {len(keys.missing)} missing, {len(keys.mismatched)} "
-            f"wrong-shape, {len(keys.unexpected)} unexpected keys ({first}); re-download it or point at the right folder")
+            f"wrong-shape, {len(keys.unexpected)} unexpected keys ({first}); re-download it or point at the "
+            f"right folder")
     report["seconds"] = round(time.perf_counter() - t0, 4)
     return report
 
 
 def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
 
 
 def inspect_renderables(report: dict) -> list:

@@ -82,6 +82,122 @@ def plan(
         raise DoesNotFitError(f"no layout fits {gpus} GiB at {size}; try {fixes}")
 
 
+@app.command()
+def run(
+    model_dir: Path = typer.Argument(..., help="Folder written by `lowvram quantize`, or the bf16 checkpoint folder."),
+    image: Path = typer.Option(..., "--image", help="Reference image (the face to animate)."),
+    audio: Path = typer.Option(..., "--audio", help="Speech: wav, mp3, m4a, flac … any rate, mono or stereo."),
+    prompt: str = typer.Option(..., "--prompt", help="Text prompt describing the scene."),
+    output: Path = typer.Option(Path("out.mp4"), "--output", "-o", help="The mp4 to write (grows block by block)."),
+    ckpt_dir: Optional[Path] = typer.Option(None, "--ckpt-dir", help="Folder with the T5, VAE and wav2vec2 files."),
+    lora: Optional[Path] = typer.Option(None, "--lora", help="LiveAvatar LoRA, merged at load (bf16 checkpoint only)."),
+    size: str = typer.Option("704*384", "--size", help="Area budget W*H; the image's aspect ratio decides the shape."),
+    seed: int = typer.Option(0, "--seed", help="Noise and reference-shift seed (reproducible on any layout)."),
+    device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
+    gpus: Optional[str] = typer.Option(None, "--gpus", help="COUNTxGiB to plan for (default: what is visible)."),
+    tp: Optional[int] = typer.Option(None, "--tp", help="Tensor-parallel size (override the plan)."),
+    pp: Optional[int] = typer.Option(None, "--pp", help="Pipeline stages over layers (override the plan)."),
+    seconds: Optional[float] = typer.Option(None, "--seconds", help="Stop after this many seconds of video."),
+    latents: Optional[Path] = typer.Option(None, "--latents", help="Also save every block's clean latents here."),
+    kv: str = typer.Option("bf16", "--kv", help="KV cache dtype: bf16 or fp8."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Generate a talking-avatar video: conditioning once, then the DiT streams blocks into the mp4."""
+    from lowvram.errors import InputError
+    from lowvram.runtime import RunOptions
+    from lowvram.runtime import run as run_stream
+
+    if kv not in ("bf16", "fp8"):
+        raise InputError(f"--kv {kv!r}: use bf16 or fp8")
+    for flag, path in (("--image", image), ("--audio", audio)):
+        if not path.exists():
+            raise InputError(f"{flag} {path}: no such file")
+    summary = run_stream(RunOptions(model_dir=model_dir, image=image, audio=audio, prompt=prompt, output=output,
+                                    ckpt_dir=ckpt_dir, lora=lora, size=size, seed=seed, device=device, gpus=gpus,
+                                    tp=tp, pp=pp, seconds=seconds, latents=latents, kv=kv, progress=not json_out))
+    if json_out:
+        print(json.dumps(summary))
+    else:
+        print(f"wrote {summary['output']}: {summary['frames']} frames ({summary['blocks']} blocks) in "
+              f"{summary['seconds']} s on {summary['device']} {summary['layout']}")
+
+
+# ----- quantizer (lowvram.quantize / lowvram.calibration) ---------------------------------------------------
+
+calib_app = typer.Typer(no_args_is_help=True, help="Calibration clip sets for `lowvram quantize`.")
+app.add_typer(calib_app, name="calib")
+
+
+@calib_app.command("make")
+def calib_make(
+    image: list[Path] = typer.Option(..., "--image", help="Reference image (repeat: one per --audio, or one for all)."),
+    audio: list[Path] = typer.Option(..., "--audio", help="Speech file (repeat for several clips)."),
+    prompt: list[str] = typer.Option(..., "--prompt", help="Scene prompt (repeat: one per --audio, or one for all)."),
+    out: Path = typer.Option(..., "--out", help="Folder to create: clips.json + copies of the files."),
+    clip_seconds: Optional[float] = typer.Option(None, "--clip-seconds", help="Split each speech into clips this long."),
+    max_clips: Optional[int] = typer.Option(None, "--max-clips", help="Keep at most this many clips."),
+) -> None:
+    """Build a calibration set from your own image(s) + speech (several pairs, or one long speech split)."""
+    from lowvram.calibration import make_clip_set
+
+    cs = make_clip_set(out, image, audio, prompt, clip_seconds=clip_seconds, max_clips=max_clips)
+    print(f"wrote {out / 'clips.json'}: {len(cs.clips)} clips")
+
+
+@app.command()
+def quantize(
+    ckpt_dir: Path = typer.Argument(..., help="DiT checkpoint folder (Wan2.2-S2V-14B, bf16 safetensors)."),
+    out: Path = typer.Option(..., "--out", help="Output folder (resumed if it holds an unfinished run)."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration set from `lowvram calib make`."),
+    fmt: str = typer.Option("fp8", "--format", help="fp8, int8 (W8A8 SmoothQuant) or int4 (weight-only)."),
+    act: str = typer.Option("dynamic", "--act", help="fp8 activations: dynamic (per token) or static (per layer, step)."),
+    lora: Optional[Path] = typer.Option(None, "--lora", help="LiveAvatar LoRA (default: CKPT_DIR/liveavatar.safetensors)."),
+    no_lora: bool = typer.Option(False, "--no-lora", help="Quantize the base model without a LoRA."),
+    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="LoRA alpha (default 64)."),
+    keep_bf16: str = typer.Option("none", "--keep-bf16", help="none, auto (most sensitive within --bf16-budget-mb), "
+                                                               "or comma-separated names/patterns."),
+    bf16_budget_mb: Optional[float] = typer.Option(None, "--bf16-budget-mb", help="Extra MB for --keep-bf16 auto "
+                                                                                   "(default 5% of the quantized size)."),
+    tp: int = typer.Option(1, "--tp", help="Split the files for this many tensor-parallel ranks."),
+    rows: int = typer.Option(512, "--rows", help="Input rows kept per layer for the alpha search and errors."),
+    holdout: Optional[int] = typer.Option(None, "--holdout", help="Samples held out for the error report (default 1)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the calibration noise, shift draws and row sampling."),
+    device: str = typer.Option("auto", "--device", help="auto, cuda or cpu (one layer on it at a time)."),
+    calib_size: str = typer.Option("704*384", "--calib-size", help="Area budget W*H the clips are encoded at."),
+    calib_blocks: int = typer.Option(2, "--calib-blocks", help="Streamed blocks per clip (x4 steps = passes)."),
+    t5: Optional[Path] = typer.Option(None, "--t5", help="umT5 .pth (default: in CKPT_DIR)."),
+    wav2vec: Optional[Path] = typer.Option(None, "--wav2vec", help="wav2vec2 folder (default: in CKPT_DIR)."),
+    vae: Optional[Path] = typer.Option(None, "--vae", help="Wan2.1 VAE .pth (default: in CKPT_DIR)."),
+    no_eval: bool = typer.Option(False, "--no-eval", help="Skip the end-to-end error check vs bf16."),
+    force: bool = typer.Option(False, "--force", help="Discard an unfinished or finished run in --out and restart."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
+) -> None:
+    """Calibrate on your clips (block-streaming, one layer in memory) and write an fp8/int8/int4 folder."""
+    from lowvram.quantize import QuantizeOptions, quantize_checkpoint
+
+    report = quantize_checkpoint(QuantizeOptions(
+        ckpt=ckpt_dir, out=out, calib=calib, lora=lora, no_lora=no_lora, lora_alpha=lora_alpha, fmt=fmt, act=act,
+        keep_bf16=keep_bf16, bf16_budget_mb=bf16_budget_mb, tp=tp, rows=rows, holdout=holdout, seed=seed,
+        device=device, force=force, evaluate=not no_eval, calib_size=calib_size, calib_blocks=calib_blocks, t5=t5,
+        wav2vec=wav2vec, vae=vae, progress=not quiet))
+    e2e = (report or {}).get("end_to_end")
+    if e2e:
+        print(f"{out}: {fmt} done; end-to-end error vs bf16 ({e2e['on']}): {e2e['final_rel_err_mean']:.4f}")
+
+
+@app.command()
+def reshard(
+    folder: Path = typer.Argument(..., help="Folder written by `lowvram quantize`."),
+    tp: int = typer.Option(..., "--tp", help="New tensor-parallel size."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write to this folder instead of in place."),
+) -> None:
+    """Re-split a quantized folder for another --tp (no re-calibration; verified against the manifest)."""
+    from lowvram.quantize import reshard as do_reshard
+
+    manifest = do_reshard(folder, tp, out)
+    print(f"{out or folder}: split for tp {manifest['tp']['size']} ({len(manifest['files'])} files)")
+
+
 def main() -> None:
     """Console entry point: a LowvramError prints one line (no traceback) and sets the exit code."""
     try:

@@ -309,7 +309,8 @@ def write_sparse_checkpoint(out_dir: str | Path, cfg: DiTConfig | None = None, *
         lora_specs = []
         for module in lora_target_modules(cfg):
             rows, cols = shapes[module + ".weight"]
-            lora_specs += [(lora_key(module, "A"), (lora_rank, cols), dtype), (lora_key(module, "B"), (rows, lora_rank), dtype)]
+            lora_specs.append((lora_key(module, "A"), (lora_rank, cols), dtype))
+            lora_specs.append((lora_key(module, "B"), (rows, lora_rank), dtype))
         lora_path = out / LORA_NAME
         write_header_only(lora_path, sorted(lora_specs))
     return WrittenCheckpoint(out, cfg, config, paths, index, lora_path, lora_rank if lora else None, dtype, total)

@@ -66,7 +66,7 @@ def child(ckpt: str, dtype_name: str, lora: bool, method: str) -> dict:
         for shard in sorted({e.file for e in index.values()}):
             with safe_open(str(shard), framework="pt") as f:
                 for key in f.keys():
-                    C._assign(model, key, f.get_tensor(key).to(dtype).clone())
+                    C.assign_tensor(model, key, f.get_tensor(key).to(dtype).clone())
     seconds = time.perf_counter() - t0
     peak_after = _peak()
     result = sum(p.numel() * p.element_size() for p in model.state_dict().values())

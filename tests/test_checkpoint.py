@@ -228,6 +228,13 @@ def test_lora_header_and_prefix_rule(ckpt, tmp_path):
     lora = C.read_lora(ckpt.lora, tiny())
     assert (lora.rank, lora.alpha, lora.scale, len(lora.targets), lora.num_tensors) == (RANK, 64.0, 8.0, 48, 96)
     assert C.read_lora(ckpt.lora, tiny(), alpha=16).scale == 2.0
+    # merge() on its own: not in place unless asked, the upstream formula either way
+    key, files, pairs = "blocks.1.ffn.0.weight", file_tensors(ckpt), lora_pairs(ckpt.lora)
+    w = files[key].clone()
+    expected = merged(files[key], *pairs["blocks.1.ffn.0"], 64.0, RANK)
+    assert torch.equal(lora.merge(key, w), expected) and torch.equal(w, files[key])
+    assert lora.merge(key, w, inplace=True) is w and torch.equal(w, expected)
+    assert lora.merge("blocks.1.ffn.0.bias", files["blocks.1.ffn.0.bias"]) is files["blocks.1.ffn.0.bias"]
     # unprefixed names: the prefix is prepended to every key
     raw = load_file(str(ckpt.lora))
     bare = {k.removeprefix(C.LORA_PREFIX): v for k, v in raw.items()}
@@ -259,7 +266,8 @@ def test_lora_rejections(ckpt, tmp_path):
         C.read_lora(tmp_path / "plain.safetensors", tiny())
     # a LoRA for another model size: the first bad key and the expected shape are named
     other = S.write_lora(tmp_path / "other.safetensors", tiny(dim=64, ffn_dim=128), rank=RANK)
-    with pytest.raises(CheckpointError, match=r"audio_injector.injector.0.k.lora_A.default.weight.*expected \[8, 128\]"):
+    first_bad = r"audio_injector.injector.0.k.lora_A.default.weight.*expected \[8, 128\]"
+    with pytest.raises(CheckpointError, match=first_bad):
         C.read_lora(other, tiny())
 
 

@@ -65,3 +65,23 @@ def test_quantize_swaps_linears_by_recipe():
     assert isinstance(model.head.head, nn.Linear)  # kept in bf16 like upstream
     with pytest.raises(ValueError, match="unknown format"):
         K.default_recipe(model, "int3")
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "int8", "int4"])
+def test_fused_qkv_gives_the_same_output(fmt):
+    from lowvram.model.config import tiny
+    from lowvram.model.dit import Attention, LiveAvatarDiT, fuse_qkv_
+
+    torch.manual_seed(0)
+    model = LiveAvatarDiT(tiny())
+    if fmt != "bf16":
+        K.quantize_(model, fmt)
+    attn = model.blocks["0"].self_attn
+    x = torch.randn(40, 128)
+    before = attn.query_key_value(x)
+    fuse_qkv_(model)
+    assert attn.qkv is not None and attn.q is None
+    after = attn.query_key_value(x)
+    for a, b in zip(before, after):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert all(m.qkv is not None for m in model.modules() if isinstance(m, Attention))

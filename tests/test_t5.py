@@ -42,7 +42,7 @@ def block_cases():
 
 def max_err(a, b):
     assert a.shape == b.shape, (a.shape, b.shape)
-    return (a.float() - b.float()).abs().max().item()
+    return (a.detach().float().cpu() - b.detach().float().cpu()).abs().max().item()
 
 
 @pytest.fixture(scope="module")

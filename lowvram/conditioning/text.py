@@ -404,7 +404,13 @@ def build_umt5(hf_sd: dict[str, torch.Tensor], config: T5Config, dtype: torch.dt
                              "or drop the quantization")
     with torch.device("meta"):
         model = UMT5EncoderModel(config.hf_config())
-    sd = {k: (v if v.dtype == dtype else v.to(dtype)) for k, v in hf_sd.items()}
+    converted: dict[int, torch.Tensor] = {}  # the tied embedding appears twice: convert it once
+    sd = {}
+    for k, v in hf_sd.items():
+        if id(v) not in converted:
+            converted[id(v)] = v if v.dtype == dtype else v.to(dtype)
+        sd[k] = converted[id(v)]
+    del converted
     model.load_state_dict(sd, strict=True, assign=True)
     # Tie the embedding as one Parameter, so moving the model copies it once.
     model.encoder.embed_tokens.weight = model.shared.weight
@@ -448,7 +454,7 @@ def encoder_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                     embed_device: torch.device | None = None) -> torch.Tensor:
     """`last_hidden_state` [B, T, dim] of `model` for the given ids/mask (on the model's device)."""
     dev = model.encoder.final_layer_norm.weight.device
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: callers may update the results in place
         if embed_device is not None:
             emb = model.shared(input_ids.to(embed_device)).to(dev)
             out = model(inputs_embeds=emb, attention_mask=attention_mask.to(dev))
@@ -606,7 +612,8 @@ class TextEncoder:
         ids, mask = self.tokenize(prompt)
         return self.encode_ids(ids, mask, prompt=prompt)
 
-    def encode_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt: str | None = None) -> torch.Tensor:
+    def encode_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   prompt: str | None = None) -> torch.Tensor:
         """Encode given token ids/mask ([1, text_len] or [text_len]) and trim to the L masked-in rows."""
         ids = torch.as_tensor(input_ids).reshape(1, -1).long()
         mask = torch.as_tensor(attention_mask).reshape(1, -1).long()

@@ -178,7 +178,8 @@ def upstream_keys(config: VAEConfig) -> list[str]:
 
     def middle(side: str, c: int) -> list[str]:
         return (res(f"{side}.middle.0", c, c)
-                + [f"{side}.middle.1.{p}" for p in ("norm.gamma", "to_qkv.weight", "to_qkv.bias", "proj.weight", "proj.bias")]
+                + [f"{side}.middle.1.{p}"
+                   for p in ("norm.gamma", "to_qkv.weight", "to_qkv.bias", "proj.weight", "proj.bias")]
                 + res(f"{side}.middle.2", c, c))
 
     d, mult, nres = config.dim, list(config.dim_mult), config.num_res_blocks
@@ -368,7 +369,7 @@ class WanVAE:
     def encode_raw(self, video: torch.Tensor, tiling: Tiling | None = None) -> torch.Tensor:
         """Mean latent `mu` [B, z, 1 + (T-1)//4, H/8, W/8] before normalisation."""
         x = self._check_video(video)
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: callers may update the results in place
             if tiling is None:
                 h = self.model.quant_conv(self._encode_frames(x))
             else:
@@ -377,7 +378,7 @@ class WanVAE:
 
     def encode(self, video: torch.Tensor, tiling: Tiling | None = None) -> torch.Tensor:
         """Normalised mean latent, as the pipelines use it."""
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: callers may update the results in place
             return self.normalize(self.encode_raw(video, tiling))
 
     def _tiled_encode(self, x: torch.Tensor, tiling: Tiling) -> torch.Tensor:
@@ -489,7 +490,7 @@ class StreamingDecoder:
             raise InputError(f"latents must be [B, {vae.config.z_dim}, n, h, w], got shape {tuple(latents.shape)}")
         z = latents.to(vae.device, vae.dtype)
         first = self._latents_seen == 0
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: callers may update the results in place
             x = vae.model.post_quant_conv(vae.denormalize(z))
             if self.tiling is None:
                 out = self._run(x, self._cache_for("full"), first)
@@ -555,7 +556,8 @@ class SingleGpuClipDecoder:
         self.first_drop = first_drop
         self.tiling = tiling
         self.output_device = torch.device(output_device) if output_device is not None else None
-        self.videos_last_frames = vae.motion_pixels(ref_pixel, "single", motion_frames).to(vae.device, vae.dtype)
+        # The last 365 output frames stay on the CPU (0.6 GB at 704x384 bf16); only their encode runs on the VAE device.
+        self.videos_last_frames = vae.motion_pixels(ref_pixel, "single", motion_frames).to("cpu", vae.dtype)
         self.motion_latents = vae.encode(self.videos_last_frames, tiling)
         self.clip_index = 0
 
@@ -570,7 +572,7 @@ class SingleGpuClipDecoder:
         if self.clip_index == 0:
             kept = kept[:, :, self.first_drop:]
         n = min(self.motion_frames, kept.shape[2])
-        self.videos_last_frames = torch.cat([self.videos_last_frames[:, :, n:], kept[:, :, -n:]], 2)
+        self.videos_last_frames = torch.cat([self.videos_last_frames[:, :, n:], kept[:, :, -n:].to("cpu")], 2)
         self.motion_latents = vae.encode(self.videos_last_frames, self.tiling)
         self.clip_index += 1
         return kept if self.output_device is None else kept.to(self.output_device)

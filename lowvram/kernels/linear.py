@@ -247,3 +247,31 @@ def weight_bytes(out_f: int, in_f: int, fmt: str) -> int:
     if fmt in ("fp8", "int8"):
         return out_f * in_f + 4 * out_f + (4 * in_f if fmt == "int8" else 0)
     return out_f * in_f // 2 + 2 * 2 * out_f * (in_f // INT4_GROUP)
+
+
+def concat_linears(layers: list[nn.Module]) -> nn.Module | None:
+    """One layer computing the outputs of `layers` (same input) side by side, or None if they can't be fused."""
+    kinds = {type(l) for l in layers}
+    if len(kinds) != 1:
+        return None
+    first = layers[0]
+    bias = None if first.bias is None else torch.cat([l.bias.detach() for l in layers])
+    if isinstance(first, nn.Linear):
+        fused = nn.Linear(first.in_features, sum(l.out_features for l in layers), bias=bias is not None,
+                          device="meta")
+        fused.weight = nn.Parameter(torch.cat([l.weight.detach() for l in layers]), requires_grad=False)
+    else:
+        if isinstance(first, Int8Linear) and not all(torch.equal(l.smooth, first.smooth) for l in layers):
+            return None
+        fused = type(first)(first.in_features, sum(l.out_features for l in layers), bias is not None,
+                            device="meta", dtype=first.out_dtype)
+        for name, _ in first.named_buffers(recurse=False):
+            if name == "smooth":
+                fused.smooth = first.smooth
+            else:
+                setattr(fused, name, torch.cat([getattr(l, name) for l in layers]))
+        if hasattr(first, "act_scale"):
+            fused.act_scale = first.act_scale
+    if bias is not None:
+        fused.bias = nn.Parameter(bias, requires_grad=False)
+    return fused

@@ -1,0 +1,135 @@
+"""`lowvram demo`: the whole path on a tiny random-weight model in the real checkpoint layout.
+
+It writes a tiny Wan2.2-S2V-style folder (sharded DiT + index + config, a LoRA, umT5 .pth + tokenizer,
+Wan2.1 VAE .pth, wav2vec2 folder), a 2-clip calibration set (a synthetic face-like image and a speech-like
+waveform), then runs inspect, plan, quantize (fp8 and int8), run (two pipeline workers) and bench — the same
+code a real user hits. The weights are random: the video shows noise, not a face.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import wave
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lowvram.model.config import DiTConfig, tiny
+
+TEXT_DIM = 64
+AUDIO_DIM = 32
+
+
+def demo_config() -> DiTConfig:
+    return tiny(text_dim=TEXT_DIM, audio_dim=AUDIO_DIM, text_len=32)
+
+
+def random_like_trained(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:
+    """N(0, 1/fan_in) for weights, small biases, norm weights near 1."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key in sorted(shapes):
+        shape = shapes[key]
+        if len(shape) >= 2:
+            fan_in = math.prod(shape[1:])
+            out[key] = torch.randn(shape, generator=g) / math.sqrt(fan_in)
+        elif key.endswith(("norm1.weight", "norm2.weight", "norm.weight", "gamma")) or "norm" in key:
+            out[key] = 1 + 0.05 * torch.randn(shape, generator=g)
+        else:
+            out[key] = 0.02 * torch.randn(shape, generator=g)
+    return out
+
+
+def write_text_encoder(root: Path, seed: int = 1) -> None:
+    """A tiny umT5 encoder .pth with the real key names, and a local fast tokenizer folder."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lowvram.conditioning.text import T5Config
+    from lowvram.runtime import T5_FILE, TOKENIZER_DIR
+
+    corpus = ["a person talking to the camera in a kitchen", "a baker with flour on his apron speaks warmly",
+              "the blacksmith explains how steel is folded", "a fashion blogger reviews a new jacket",
+              "grandmother shares a recipe while smiling", "music producer describes the drum pattern"]
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=200, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>")
+    tok.train_from_iterator(corpus * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    from tokenizers.processors import TemplateProcessing
+
+    fast._tokenizer.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    fast.save_pretrained(str(root / TOKENIZER_DIR))
+    cfg = T5Config(vocab_size=256, dim=TEXT_DIM, dim_attn=TEXT_DIM, dim_ffn=128, num_heads=4, num_layers=2)
+    sd = random_like_trained(cfg.upstream_shapes(), seed)
+    sd["token_embedding.weight"] *= 8  # embeddings are not fan-in scaled
+    torch.save(sd, root / T5_FILE)
+
+
+def write_vae(root: Path, seed: int = 2) -> None:
+    from lowvram.conditioning.vae import VAEConfig
+    from lowvram.runtime import VAE_FILE
+
+    cfg = VAEConfig(dim=8)
+    torch.save(random_like_trained(cfg.upstream_shapes(), seed), root / VAE_FILE)
+
+
+def write_wav2vec(root: Path, seed: int = 3) -> None:
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    from lowvram.runtime import WAV2VEC_DIR
+
+    torch.manual_seed(seed)
+    cfg = Wav2Vec2Config(hidden_size=AUDIO_DIM, num_hidden_layers=24, num_attention_heads=2, intermediate_size=64,
+                         conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+                         do_stable_layer_norm=True, feat_extract_norm="layer")
+    Wav2Vec2Model(cfg).save_pretrained(str(root / WAV2VEC_DIR))
+    (root / WAV2VEC_DIR / "preprocessor_config.json").write_text(json.dumps(
+        {"do_normalize": True, "feature_size": 1, "sampling_rate": 16000, "padding_value": 0.0,
+         "feature_extractor_type": "Wav2Vec2FeatureExtractor", "return_attention_mask": True}))
+
+
+def write_tiny_checkpoint(root: Path, seed: int = 0) -> Path:
+    """The whole tiny Wan2.2-S2V-14B-shaped folder; returns the LoRA file's path."""
+    from lowvram.synthetic import write_checkpoint
+
+    root.mkdir(parents=True, exist_ok=True)
+    written = write_checkpoint(root, demo_config(), seed=seed, shards=2, lora=True, lora_rank=8)
+    write_text_encoder(root)
+    write_vae(root)
+    write_wav2vec(root)
+    return Path(getattr(written, "lora", root / "liveavatar.safetensors"))
+
+
+def face_like_image(path: Path, h: int = 256, w: int = 256) -> None:
+    """A synthetic portrait (no third-party faces): skin-toned ellipse, eyes, a mouth."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (w, h), (70, 90, 120))
+    d = ImageDraw.Draw(img)
+    d.ellipse([w * 0.25, h * 0.15, w * 0.75, h * 0.85], fill=(224, 180, 150))
+    for x in (0.4, 0.6):
+        d.ellipse([w * x - 10, h * 0.4 - 6, w * x + 10, h * 0.4 + 6], fill=(40, 40, 40))
+    d.ellipse([w * 0.42, h * 0.62, w * 0.58, h * 0.7], fill=(150, 50, 60))
+    img.save(path)
+
+
+def speech_like_wave(path: Path, seconds: float, seed: int, rate: int = 16000) -> None:
+    """Syllable-rate amplitude-modulated harmonics with pauses: a stand-in for speech, no voices shipped."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    f0 = 120 + 30 * np.sin(2 * np.pi * 0.7 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / rate
+    voice = sum(np.sin(k * phase) / k for k in range(1, 6))
+    syllables = np.clip(np.sin(2 * np.pi * 4.0 * t + rng.uniform(0, 6)), 0, None) ** 2
+    pauses = (np.sin(2 * np.pi * 0.35 * t) > -0.6).astype(float)
+    x = 0.3 * voice * syllables * pauses + 0.003 * rng.standard_normal(t.size)
+    pcm = (np.clip(x, -1, 1) * 32767).astype(np.int16)
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(rate)
+        f.writeframes(pcm.tobytes())

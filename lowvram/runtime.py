@@ -1,0 +1,287 @@
+"""`lowvram run`: conditioning once, then the (parallel) DiT stream, decoded and written block by block.
+
+1. The plan is checked before anything is loaded (a layout that won't fit is refused, exit 3).
+2. Conditioning runs in the launcher and is freed: reference image -> VAE encode (reference + motion latents),
+   prompt -> umT5 (cached on disk per prompt), speech -> wav2vec2 features.
+3. The DiT runs on `tp x pp` worker processes (or in-process for one device); each rank builds only its slice.
+4. Finished block latents come back in order; the launcher decodes them with the streaming VAE decoder and
+   appends the frames to the mp4 (audio muxed in), so the file grows while the DiT works and a killed run
+   leaves a playable file of what was done.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lowvram.errors import CheckpointError, DoesNotFitError, InputError
+from lowvram.model.config import DiTConfig
+
+T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
+TOKENIZER_DIR = "google/umt5-xxl"
+VAE_FILE = "Wan2.1_VAE.pth"
+WAV2VEC_DIR = "wav2vec2-large-xlsr-53-english"
+FPS = 25
+
+
+@dataclass
+class RunOptions:
+    model_dir: Path
+    image: Path
+    audio: Path
+    prompt: str
+    output: Path
+    ckpt_dir: Path | None = None  # folder with T5 / VAE / wav2vec2 (default: the source checkpoint)
+    lora: Path | None = None
+    size: str = "704*384"
+    seed: int = 0
+    device: str = "auto"
+    tp: int | None = None
+    pp: int | None = None
+    gpus: str | None = None
+    seconds: float | None = None
+    latents: Path | None = None
+    kv: str = "bf16"
+    t5_device: str | None = None
+    t5_quantization: str | None = None
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Components:
+    dit: Path
+    quantized: bool
+    cfg: DiTConfig
+    t5: Path
+    tokenizer: Path
+    vae: Path
+    wav2vec: Path
+    lora: Path | None
+    recipe: dict | None = None
+    fmt: str = "bf16"
+
+
+def find_components(opts: RunOptions) -> Components:
+    """Locate the DiT (bf16 checkpoint or quantized folder) and the conditioning models; one line per problem."""
+    d = Path(opts.model_dir)
+    if not d.exists():
+        raise InputError(f"{d}: no such folder; pass the folder written by `lowvram quantize` or the checkpoint")
+    manifest = d / "manifest.json"
+    if manifest.exists():
+        m = json.loads(manifest.read_text())
+        cfg = DiTConfig.from_dict(m.get("config") or m.get("model_config") or {})
+        source = m.get("source", {})
+        src_dir = source.get("path") or source.get("checkpoint") if isinstance(source, dict) else source
+        ckpt = Path(opts.ckpt_dir or (src_dir if src_dir else d))
+        if ckpt.is_file():
+            ckpt = ckpt.parent
+        comps = Components(d, True, cfg, ckpt / T5_FILE, ckpt / TOKENIZER_DIR, ckpt / VAE_FILE, ckpt / WAV2VEC_DIR,
+                           None, m.get("recipe"), m.get("format", "mixed"))
+    else:
+        if not (d / "config.json").exists():
+            raise CheckpointError(f"{d}: neither a quantized folder (manifest.json) nor a checkpoint (config.json); "
+                                  f"pass the Wan2.2-S2V-14B folder or the output of `lowvram quantize`")
+        cfg = DiTConfig.from_json(d / "config.json")
+        ckpt = Path(opts.ckpt_dir or d)
+        lora = opts.lora
+        comps = Components(d, False, cfg, ckpt / T5_FILE, ckpt / TOKENIZER_DIR, ckpt / VAE_FILE, ckpt / WAV2VEC_DIR,
+                           lora)
+    for what, path, fix in [("text encoder", comps.t5, "--ckpt-dir pointing at the Wan2.2-S2V-14B folder"),
+                            ("VAE", comps.vae, "--ckpt-dir pointing at the Wan2.2-S2V-14B folder"),
+                            ("wav2vec2 folder", comps.wav2vec, "--ckpt-dir pointing at the Wan2.2-S2V-14B folder")]:
+        if not path.exists():
+            raise CheckpointError(f"{path}: the {what} is missing; download it or pass {fix}")
+    return comps
+
+
+def pick_device(opts: RunOptions) -> str:
+    if opts.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda but no CUDA GPU is visible; use --device cpu or check the driver")
+    return opts.device
+
+
+def choose_layout(opts: RunOptions, comps: Components, device: str, latent_hw) -> tuple[int, int]:
+    """(tp, pp): the user's override, or the planner's fastest layout that fits; refuse before loading."""
+    from lowvram.plan import RunShape, plan_layouts
+
+    if device == "cpu":
+        return opts.tp or 1, opts.pp or 1
+    count = torch.cuda.device_count()
+    gib = torch.cuda.get_device_properties(0).total_memory / 1024**3
+    gpus = opts.gpus or f"{count}x{int(gib)}"
+    shape = RunShape(latent_hw[0] * 8, latent_hw[1] * 8, 1 if opts.kv == "fp8" else 2)
+    fmt = comps.fmt if comps.fmt in ("fp8", "int8", "int4") else "bf16"
+    layouts = plan_layouts(comps.cfg, gpus, shape, fmt, comps.recipe)
+    if opts.tp or opts.pp:
+        tp, pp = opts.tp or 1, opts.pp or 1
+        match = [l for l in layouts if (l.tp, l.pp) == (tp, pp) and l.mode == "resident"]
+        if match and not match[0].fits:
+            raise DoesNotFitError(f"tp {tp} x pp {pp} needs {match[0].peak_bytes / 1024**3:.1f} GiB per GPU, "
+                                  f"more than {gpus}; run `lowvram plan` for a layout that fits")
+        return tp, pp
+    best = next((l for l in layouts if l.fits and l.mode == "resident"), None)
+    if best is None:
+        raise DoesNotFitError(f"no layout fits {gpus} GiB at {opts.size}; run `lowvram plan {comps.dit} "
+                              f"--gpus {gpus}` to see what would (fp8 KV, int4, a smaller size, more GPUs)")
+    return best.tp, best.pp
+
+
+def prepare_conditioning(opts: RunOptions, comps: Components, device: str):
+    """Image, prompt and speech -> StreamInputs (DiT inputs), plus the pixel size; the encoders are freed."""
+    from lowvram.conditioning.audio import audio_features
+    from lowvram.conditioning.image import load_reference_image, max_area_for_size
+    from lowvram.conditioning.text import TextEncoder
+    from lowvram.conditioning.vae import WanVAE
+    from lowvram.parallel.engine import StreamInputs
+
+    pixels, (h, w) = load_reference_image(opts.image, max_area_for_size(opts.size))
+    feats = audio_features(opts.audio, comps.wav2vec, device=device)
+    blocks = feats.num_blocks
+    if opts.seconds is not None:
+        if opts.seconds <= 0:
+            raise InputError(f"--seconds {opts.seconds}: must be positive")
+        blocks = max(1, min(blocks, math.ceil(opts.seconds * FPS / (4 * comps.cfg.frames_per_block))))
+    audio = feats.frames(0, blocks * 4 * comps.cfg.frames_per_block).float().cpu()
+    del feats
+    vae = WanVAE.load(comps.vae, device=device)
+    ref = vae.encode_reference(pixels.to(device)).float().cpu()
+    motion = vae.encode_motion(pixels.to(device)).float().cpu()
+    del vae
+    encoder = TextEncoder(comps.t5, comps.tokenizer, device=opts.t5_device or "cpu",
+                          dtype=torch.bfloat16 if (opts.t5_device or "cpu") != "cpu" else torch.float32,
+                          quantization=opts.t5_quantization)
+    context = encoder.encode(opts.prompt).float().cpu()
+    encoder.unload()
+    if context.shape[-1] != comps.cfg.text_dim:
+        raise CheckpointError(f"{comps.t5}: text encoder width {context.shape[-1]} != the DiT's text_dim "
+                              f"{comps.cfg.text_dim}; the components come from different models")
+    inputs = StreamInputs(context=context, ref_latents=ref, motion_latents=motion, audio=audio, num_blocks=blocks,
+                          seed=opts.seed, latent_hw=(h // 8, w // 8))
+    return inputs, (h, w), motion
+
+
+class BlockSink:
+    """Receives clean block latents (any order), decodes them in order and appends frames to the mp4."""
+
+    def __init__(self, vae_path: Path, motion_latents, output: Path, audio: Path, device: str, num_blocks: int,
+                 latents_path: Path | None, progress=None):
+        from lowvram.conditioning.vae import WanVAE
+        from lowvram.media import VideoWriter
+
+        self.vae = WanVAE.load(vae_path, device=device)
+        self.decoder = self.vae.streaming_decoder()
+        self.decoder.warmup(motion_latents.to(device))
+        self.writer = VideoWriter(output, audio_path=audio)
+        self.pending: dict[int, torch.Tensor] = {}
+        self.next_block = 0
+        self.num_blocks = num_blocks
+        self.latents_path = latents_path
+        self.kept: dict[str, torch.Tensor] = {}
+        self.progress = progress
+        self.t0 = time.monotonic()
+        self.first_frame_s: float | None = None
+
+    def put(self, block: int, latent: torch.Tensor) -> None:
+        self.pending[block] = latent
+        while self.next_block in self.pending:
+            x = self.pending.pop(self.next_block)
+            if self.latents_path is not None:
+                self.kept[f"block_{self.next_block:05d}"] = x.contiguous()
+            frames = self.decoder.decode_block(x[None].to(self.vae.device))
+            video = ((frames[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0)
+            self.writer.write(video.cpu().numpy())
+            if self.first_frame_s is None:
+                self.first_frame_s = time.monotonic() - self.t0
+            self.next_block += 1
+            if self.progress is not None:
+                self.progress(self.next_block, self.num_blocks, self.writer.frames_written)
+
+    def close(self) -> None:
+        self.writer.close()
+        if self.latents_path is not None and self.kept:
+            from safetensors.torch import save_file
+
+            save_file(self.kept, str(self.latents_path))
+
+
+def run(opts: RunOptions) -> dict:
+    """The whole run; returns a summary (blocks, frames, seconds, layout, time to first frame)."""
+    from lowvram.parallel.engine import StageRunner, Topology
+    from lowvram.parallel.stage import build_stage_from_checkpoint, stage_layers
+    from lowvram.parallel.worker import WorkerSpec, load_stage, run_worker
+
+    device = pick_device(opts)
+    comps = find_components(opts)
+    from lowvram.conditioning.image import max_area_for_size, read_image, target_size
+
+    img = read_image(opts.image)
+    h, w = target_size(img.shape[0], img.shape[1], max_area_for_size(opts.size))
+    tp, pp = choose_layout(opts, comps, device, (h // 8, w // 8))
+    t_start = time.monotonic()
+    inputs, _, motion = prepare_conditioning(opts, comps, device)
+    stages = stage_layers(comps.cfg, pp, comps.fmt if comps.fmt in ("fp8", "int8", "int4") else "bf16", comps.recipe)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    progress = make_progress(opts, inputs.num_blocks)
+    sink = BlockSink(comps.vae, motion, opts.output, opts.audio, "cpu" if device == "cpu" else "cuda",
+                     inputs.num_blocks, opts.latents, progress)
+    try:
+        with tempfile.TemporaryDirectory(prefix="lowvram-run-") as tmp:
+            spec = WorkerSpec(source=str(comps.dit), cfg=comps.cfg.to_dict(), tp=tp, pp=pp, stages=stages,
+                              inputs_path=str(Path(tmp) / "inputs.pt"), device=device,
+                              dtype="float32" if device == "cpu" else "bfloat16",
+                              kv_dtype="fp8" if opts.kv == "fp8" else None,
+                              lora=str(comps.lora) if comps.lora else None, quantized=comps.quantized)
+            torch.save(inputs, spec.inputs_path)
+            if tp * pp == 1:
+                model = load_stage(spec, Topology(), torch.device(device))
+                StageRunner(model, Topology(), inputs, on_latent=sink.put,
+                            kv_dtype=torch.float8_e4m3fn if opts.kv == "fp8" else None).run()
+            else:
+                from lowvram.parallel.launch import spawn
+
+                backend = "nccl" if device == "cuda" else "gloo"
+                spawn(run_worker, (spec,), tp * pp, backend,
+                      lambda kind, rank, p: sink.put(p[0], torch.from_numpy(p[1])))
+    finally:
+        sink.close()
+        if progress is not None:
+            progress.close()
+    elapsed = time.monotonic() - t_start
+    return {"output": str(opts.output), "blocks": sink.next_block, "frames": sink.writer.frames_written,
+            "seconds": round(elapsed, 2), "fps": round(sink.writer.frames_written / max(elapsed, 1e-9), 2),
+            "layout": f"tp{tp}xpp{pp}", "device": device, "time_to_first_frame_s": sink.first_frame_s}
+
+
+class make_progress:
+    """A rich progress line: blocks, frames, fps and ETA."""
+
+    def __new__(cls, opts: RunOptions, total: int):
+        if not opts.progress:
+            return None
+        return super().__new__(cls)
+
+    def __init__(self, opts: RunOptions, total: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("[bold]blocks"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
+        self.task = self.bar.add_task("run", total=total, info="")
+        self.t0 = time.monotonic()
+        self.bar.start()
+
+    def __call__(self, done: int, total: int, frames: int) -> None:
+        fps = frames / max(time.monotonic() - self.t0, 1e-9)
+        self.bar.update(self.task, completed=done, info=f"{frames} frames, {fps:.2f} fps")
+
+    def close(self) -> None:
+        self.bar.stop()

@@ -1,0 +1,306 @@
+"""Block-streaming calibration: the real sampler trajectory, one transformer layer's weights at a time.
+
+All calibration samples run the sampler's actual path in lock-step — prefill of the reference/motion tokens
+(t = 0), then for each streamed block the 4 Euler steps at the scheduler's timesteps, each step writing and
+reading its own KV cache, with seeded (or scripted) reference-RoPE shift draws — exactly what
+`lowvram.model.sampler.Stream` computes (the tests check equality). The difference is the loop order: a pass
+is one (block, step); inside a pass, layer l's weights (bf16, LoRA merged) are loaded from the checkpoint, every
+sample's tokens go through it (`run_layers(..., layers=[l])`), its input statistics are recorded, and it is
+freed before layer l+1 is loaded. The prefill is fused into the first pass (same layer loads).
+
+Disk reads per run = passes x (bytes of all layers + LoRA) + the nonblock weights once; passes =
+blocks x steps (8 for 2 blocks). Only one layer's weights (+ the small nonblock part) are on the device at a
+time; the samples' KV caches and prefill caches live on the host (`store`) and only the current layer's rows
+are moved to the device.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lowvram.calibration.samples import CalibSample
+from lowvram.checkpoint import LoraWeights, build_meta_model, load_state_dict_streaming
+from lowvram.model.cache import CondCache, LayerCond, StepKV
+from lowvram.model.config import DiTConfig
+from lowvram.model.dit import BlockInputs, LiveAvatarDiT
+from lowvram.model.sampler import ShiftDraws, flow_schedule, reference_shift
+
+from .formats import set_act_step
+from .layout import layer_prefixes
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Where layer weights come from
+
+
+class LayerSource:
+    """Hands out the nonblock part and one transformer layer at a time, counting the bytes it reads."""
+
+    cfg: DiTConfig
+    device: torch.device
+    bytes_read: int = 0
+
+    def nonblock(self) -> LiveAvatarDiT:
+        raise NotImplementedError
+
+    def layer(self, layer: int) -> LiveAvatarDiT:
+        raise NotImplementedError
+
+    def release(self, layer: int, module: nn.Module) -> None:
+        del module
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+class CheckpointSource(LayerSource):
+    """bf16 weights streamed from the original checkpoint with the LoRA merged (upstream formula)."""
+
+    def __init__(self, index: dict, cfg: DiTConfig, lora: LoraWeights | None, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.bfloat16):
+        self.index, self.cfg, self.lora = index, cfg, lora
+        self.device, self.dtype = torch.device(device), dtype
+        self.bytes_read = 0
+        self.loads = 0
+
+    def _load(self, model: nn.Module) -> nn.Module:
+        keys = list(model.state_dict().keys())
+        n = sum(self.index[k].nbytes for k in keys if k in self.index)
+        if self.lora is not None:
+            for k in keys:
+                module = self.lora.target_of(k)
+                if module is not None:
+                    a, b = self.lora.targets[module]
+                    n += a.nbytes + b.nbytes
+        self.bytes_read += n
+        self.loads += 1
+        load_state_dict_streaming(self.index, model, self.dtype, self.device, lora=self.lora)
+        return model.eval()
+
+    def nonblock(self) -> LiveAvatarDiT:
+        return self._load(build_meta_model(self.cfg, layers=[], embeddings=True, head=True))
+
+    def layer(self, layer: int) -> LiveAvatarDiT:
+        return self._load(build_meta_model(self.cfg, layers=[layer], embeddings=False, head=False))
+
+
+class ModuleSource(LayerSource):
+    """An in-memory full model (tests, in-process comparisons): nothing is read."""
+
+    def __init__(self, model: LiveAvatarDiT):
+        self.model, self.cfg = model, model.cfg
+        self.device = next(model.parameters()).device
+        self.bytes_read = 0
+
+    def nonblock(self):
+        return self.model
+
+    def layer(self, layer):
+        return self.model
+
+    def release(self, layer, module):
+        pass
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The lock-step trajectory
+
+
+@dataclass
+class _State:
+    sample: CalibSample
+    role: str
+    index: int
+    grid: tuple[int, int]
+    fsl: int
+    block_tokens: int
+    draws: ShiftDraws
+    cond: CondCache | None = None
+    kv: list[StepKV] = field(default_factory=list)
+    pre_tokens: torch.Tensor | None = None
+    text: torch.Tensor | None = None
+    e6_zero: torch.Tensor | None = None
+    x: torch.Tensor | None = None
+    start: int = 0
+    next_start: int = 0
+    tokens: torch.Tensor | None = None
+    inp: BlockInputs | None = None
+    e: torch.Tensor | None = None
+    velocities: list[torch.Tensor] = field(default_factory=list)  # per (block, step), float32 on the host
+    finals: list[torch.Tensor] = field(default_factory=list)  # per block
+
+
+class Observer:
+    """Callbacks of a trajectory run (all optional)."""
+
+    def layer_loaded(self, layer: int, module: nn.Module) -> None: ...
+
+    def context(self, step: int, role: str):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def layer_done(self, layer: int, module: nn.Module, final: bool) -> None: ...
+
+
+@dataclass
+class TrajectoryResult:
+    velocities: list[list[torch.Tensor]]  # [sample][block * steps + step]
+    finals: list[torch.Tensor]  # [sample] final latents of all its blocks, concatenated on frames
+    bytes_read: int
+    passes: int
+    layer_loads: int
+    seconds: float
+    host_state_bytes: int
+    peak_rss_bytes: int
+    peak_vram_bytes: int
+
+
+def shift_script(cfg: DiTConfig, shifts: list[int] | None) -> dict[tuple[int, int], int] | None:
+    """A sample's scripted relative_dist list (block-major, one per step) -> ShiftDraws' (block, step) keys."""
+    if not shifts:
+        return None
+    return {(i // cfg.num_steps, i % cfg.num_steps): int(v) for i, v in enumerate(shifts)}
+
+
+def peak_rss_bytes() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _to(t: torch.Tensor, device) -> torch.Tensor:
+    return t if t.device == torch.device(device) else t.to(device)
+
+
+def _layer_kv(kv: StepKV, layer: int, device: torch.device) -> StepKV:
+    """A StepKV holding only `layer`'s rows, on `device` (the same object when nothing has to move)."""
+    if kv.k[layer].device == device:
+        return kv
+    view = StepKV.__new__(StepKV)
+    view.capacity = kv.capacity
+    view.k, view.v = {layer: kv.k[layer].to(device)}, {layer: kv.v[layer].to(device)}
+    return view
+
+
+@torch.no_grad()
+def run_trajectory(source: LayerSource, samples: Sequence[CalibSample], roles: Sequence[str] | None = None, *,
+                   observer: Observer | None = None, store: torch.device | str = "cpu",
+                   static_steps: bool = False, progress: Callable[[str], None] | None = None) -> TrajectoryResult:
+    """Run every sample's real sampler trajectory, streaming layers from `source` (see the module docstring).
+
+    `static_steps`: before each layer runs, select the per-step static fp8 activation scales (quantized models).
+    `progress(description)` is called once per (pass, layer)."""
+    t0 = time.perf_counter()
+    cfg = source.cfg
+    device = source.device
+    store = torch.device(store)
+    obs = observer or Observer()
+    roles = list(roles) if roles is not None else ["train"] * len(samples)
+    timesteps, sigmas = flow_schedule(cfg.num_steps, cfg.scheduler_shift)
+    prefill_step = cfg.num_steps
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+    nb = source.nonblock()
+    dtype = nb.dtype
+    states: list[_State] = []
+    for i, (s, role) in enumerate(zip(samples, roles)):
+        ph, pw = cfg.patch_size[1:]
+        h, w = s.latent_hw
+        grid = (h // ph, w // pw)
+        fsl = grid[0] * grid[1]
+        draws = ShiftDraws(cfg, seed=s.shift_seed, script=shift_script(cfg, s.shifts))
+        st = _State(s, role, i, grid, fsl, cfg.frames_per_block * fsl, draws)
+        st.text = nb.embed_text(s.context.to(device))
+        st.pre_tokens, positions, n_ref = nb.embed_cond(s.ref_latents.to(device), s.motion_latents.to(device))
+        _, st.e6_zero = nb.time_modulation(torch.zeros(1, device=device))
+        st.cond = CondCache(positions=positions.to(store), num_ref_tokens=n_ref)
+        rows = len(s.blocks) * st.block_tokens  # never wraps: calibration stays inside one clip
+        for _ in range(cfg.num_steps):
+            kv = StepKV(list(range(cfg.num_layers)), rows, cfg.num_heads, cfg.head_dim, dtype, store)
+            kv.capacity = cfg.blocks_per_clip * st.block_tokens  # the ring's real size (indexing identical)
+            st.kv.append(kv)
+        states.append(st)
+
+    max_blocks = max(len(s.blocks) for s in samples)
+    passes = [(b, s) for b in range(max_blocks) for s in range(cfg.num_steps)]
+    layer_loads = 0
+    for p, (b, step) in enumerate(passes):
+        active = [st for st in states if b < len(st.sample.blocks)]
+        for st in active:  # first-stage work of this forward (Stream.forward up to the layers)
+            noise, audio, cond_states = st.sample.blocks[b]
+            if step == 0:
+                st.x, st.start = noise.to(device).float(), st.next_start
+            frames = st.x.shape[1]
+            t = timesteps[step].expand(frames).to(device)
+            st.e, e6 = nb.time_modulation(t)
+            audio_global, audio_tokens = nb.encode_audio(audio.to(device))
+            rd = st.draws(st.start // st.block_tokens, step)
+            st.inp = BlockInputs(e6=e6, audio_global=audio_global, audio_tokens=audio_tokens, start=st.start,
+                                 ref_shift=reference_shift(cfg, st.start // st.fsl, rd), tokens_per_frame=st.fsl,
+                                 grid=st.grid)
+            st.tokens = nb.embed_noisy(st.x, cond_states.to(device))
+        final = p == len(passes) - 1
+        for layer in range(cfg.num_layers):
+            if progress is not None:
+                progress(f"block {b} step {step} layer {layer}")
+            lm = source.layer(layer)
+            layer_loads += 1
+            obs.layer_loaded(layer, lm)
+            if p == 0:  # prefill (Stream.prefill), fused into the first pass
+                if static_steps:
+                    set_act_step(lm, prefill_step)
+                for st in states:
+                    with obs.context(prefill_step, st.role):
+                        text_kv = {layer: lm.blocks[str(layer)].cross_attn.key_value(st.text)}
+                        st.pre_tokens = lm.prefill_layers(st.pre_tokens, st.e6_zero, st.cond.positions.to(device),
+                                                          text_kv, st.cond, layers=[layer])
+                    lc = st.cond.layers[layer]
+                    st.cond.layers[layer] = LayerCond(*(_to(t, store) for t in (lc.cond_k, lc.cond_v, lc.text_k,
+                                                                                 lc.text_v)))
+                    if layer == cfg.num_layers - 1:
+                        st.pre_tokens = st.text = None
+            if static_steps:
+                set_act_step(lm, step)
+            for st in active:
+                lc = st.cond.layers[layer]
+                cond_view = CondCache(st.cond.positions, st.cond.num_ref_tokens,
+                                      {layer: LayerCond(*(_to(t, device) for t in (lc.cond_k, lc.cond_v, lc.text_k,
+                                                                                    lc.text_v)))})
+                kv = st.kv[step]
+                view = _layer_kv(kv, layer, device)
+                with obs.context(step, st.role):
+                    st.tokens = lm.run_layers(st.tokens, st.inp, cond_view, view, layers=[layer])
+                if view is not kv:
+                    kv.k[layer].copy_(view.k[layer])
+                    kv.v[layer].copy_(view.v[layer])
+            obs.layer_done(layer, lm, final)
+            source.release(layer, lm)
+            del lm
+        for st in active:  # last-stage work: head, Euler update
+            v = nb.head_out(st.tokens, st.e, (st.x.shape[1], *st.grid))
+            st.x = st.x + (sigmas[step + 1] - sigmas[step]) * v
+            st.velocities.append(v.float().cpu())
+            st.tokens = st.inp = None
+            if step == cfg.num_steps - 1:
+                st.finals.append(st.x.float().cpu())
+                st.next_start += st.block_tokens
+
+    host = sum(kv.nbytes() for st in states for kv in st.kv) + sum(st.cond.nbytes() for st in states)
+    result = TrajectoryResult(
+        velocities=[st.velocities for st in states],
+        finals=[torch.cat(st.finals, dim=1) for st in states],
+        bytes_read=source.bytes_read, passes=len(passes), layer_loads=layer_loads,
+        seconds=time.perf_counter() - t0, host_state_bytes=host, peak_rss_bytes=peak_rss_bytes(),
+        peak_vram_bytes=int(torch.cuda.max_memory_allocated()) if device.type == "cuda" else 0)
+    source.release(-1, nb)
+    return result
+
+
+def layer_key_filter(cfg: DiTConfig, layer: int):
+    prefixes = layer_prefixes(cfg, layer)
+    return lambda k: k.startswith(prefixes)
