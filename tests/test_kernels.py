@@ -84,4 +84,5 @@ def test_fused_qkv_gives_the_same_output(fmt):
     after = attn.query_key_value(x)
     for a, b in zip(before, after):
         assert torch.allclose(a, b, atol=1e-5)
-    assert all(m.qkv is not None for m in model.modules() if isinstance(m, Attention))
+    assert all(b.self_attn.qkv is not None for b in model.blocks.values())
+    assert all(b.cross_attn.qkv is None and b.cross_attn.k is not None for b in model.blocks.values())

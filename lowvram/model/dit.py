@@ -457,15 +457,17 @@ class LiveAvatarDiT(nn.Module):
 
 
 def fuse_qkv_(model: nn.Module) -> nn.Module:
-    """Concatenate each self-attention's q, k, v into one projection (same format), in place.
+    """Concatenate each block self-attention's q, k, v into one projection (same format), in place.
 
-    Saves two of three activation-quantization passes and runs one wider GEMM. Skipped where the three
+    Saves two of three activation-quantization passes and runs one wider GEMM. Cross-attention and the
+    audio injectors take q and k/v from different inputs, so they keep theirs. Skipped where the three
     layers differ in format or in int8 SmoothQuant factors.
     """
     from lowvram.kernels.linear import concat_linears
 
-    for mod in model.modules():
-        if isinstance(mod, Attention) and mod.qkv is None:
+    for block in model.modules():
+        mod = block.self_attn if isinstance(block, Block) else None
+        if mod is not None and mod.qkv is None:
             fused = concat_linears([mod.q, mod.k, mod.v])
             if fused is not None:
                 mod.qkv = fused

@@ -71,6 +71,8 @@ def _worker_entry(rank, world, port, backend, fn, args, out_queue):
         if os.environ.get("LOWVRAM_DEBUG"):
             traceback.print_exc()
         out_queue.put(("error", rank, detail))
+        out_queue.close()
+        out_queue.join_thread()  # os._exit would drop a message still in the feeder thread
         os._exit(1)
 
 
@@ -89,6 +91,7 @@ def spawn(fn, args: tuple, world: int, backend: str, on_message, timeout_s: floa
     for p in procs:
         p.start()
     done: set[int] = set()
+    errors: dict[int, str] = {}
     last_heard = time.monotonic()
     try:
         while len(done) < world:
@@ -96,9 +99,8 @@ def spawn(fn, args: tuple, world: int, backend: str, on_message, timeout_s: floa
                 kind, rank, payload = out_queue.get(timeout=0.2)
                 last_heard = time.monotonic()
             except queue_mod.Empty:
-                for r, p in enumerate(procs):
-                    if r not in done and p.exitcode is not None and p.exitcode != 0:
-                        raise RankFailed(f"rank {r} died ({describe_exit(p.exitcode)}); the other ranks were stopped")
+                if any(p.exitcode not in (None, 0) for r, p in enumerate(procs) if r not in done):
+                    raise root_cause(procs, out_queue, errors)
                 if timeout_s is not None and time.monotonic() - last_heard > timeout_s:
                     alive = [r for r, p in enumerate(procs) if p.is_alive() and r not in done]
                     raise RankFailed(f"ranks {alive} sent nothing for {timeout_s:.0f} s; stopped them "
@@ -107,11 +109,36 @@ def spawn(fn, args: tuple, world: int, backend: str, on_message, timeout_s: floa
             if kind == "done":
                 done.add(rank)
             elif kind == "error":
-                raise RankFailed(f"rank {rank} failed: {payload}; the other ranks were stopped")
+                errors[rank] = payload
+                raise root_cause(procs, out_queue, errors)
             else:
                 on_message(kind, rank, payload)
     finally:
         stop(procs)
+
+
+PEER_LOST = ("connection", "peer", "closed", "reset", "broken pipe", "timed out", "timeout")
+
+
+def root_cause(procs, out_queue, errors: dict[int, str], settle_s: float = 1.0) -> RankFailed:
+    """When one rank fails its peers fail too (lost connection); name the one that started it."""
+    deadline = time.monotonic() + settle_s
+    while time.monotonic() < deadline:
+        try:
+            kind, rank, payload = out_queue.get(timeout=0.05)
+            if kind == "error":
+                errors[rank] = payload
+        except queue_mod.Empty:
+            pass
+    killed = [r for r, p in enumerate(procs) if p.exitcode is not None and p.exitcode < 0]
+    if killed:
+        r = killed[0]
+        return RankFailed(f"rank {r} died ({describe_exit(procs[r].exitcode)}); the other ranks were stopped")
+    own = [r for r, msg in errors.items() if not any(w in msg.lower() for w in PEER_LOST)]
+    for r in own or sorted(errors):
+        return RankFailed(f"rank {r} failed: {errors[r]}; the other ranks were stopped")
+    r = next(r for r, p in enumerate(procs) if p.exitcode not in (None, 0))
+    return RankFailed(f"rank {r} died ({describe_exit(procs[r].exitcode)}); the other ranks were stopped")
 
 
 def describe_exit(code: int) -> str:
