@@ -151,6 +151,15 @@ def bench_attention(cfg) -> dict:
     v = torch.randn_like(k)
     out = {}
     ref = None
+    from lowvram.model.dit import attention, attention_parts
+
+    q3, k3, v3 = (t[0].transpose(0, 1) for t in (q, k, v))
+    split = 12672
+    exact = attention(q3, k3, v3)
+    parts = attention_parts(q3, [(k3[:split], v3[:split]), (k3[split:], v3[split:])])
+    out["segments_vs_concat_maxabs"] = (parts.float() - exact.float()).abs().max().item()
+    out["segments_ms"] = round(cuda_time(lambda: attention_parts(q3, [(k3[:split], v3[:split]), (k3[split:], v3[split:])]), 3, 10), 3)
+    out["concat_then_sdpa_ms"] = round(cuda_time(lambda: attention(q3, torch.cat([k3[:split], k3[split:]]), torch.cat([v3[:split], v3[split:]])), 3, 10), 3)
     for name, backend in [("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
                           ("efficient", SDPBackend.EFFICIENT_ATTENTION)]:
         try:

@@ -168,6 +168,8 @@ def quantize(
     t5: Optional[Path] = typer.Option(None, "--t5", help="umT5 .pth (default: in CKPT_DIR)."),
     wav2vec: Optional[Path] = typer.Option(None, "--wav2vec", help="wav2vec2 folder (default: in CKPT_DIR)."),
     vae: Optional[Path] = typer.Option(None, "--vae", help="Wan2.1 VAE .pth (default: in CKPT_DIR)."),
+    kv_scratch: Optional[Path] = typer.Option(None, "--kv-scratch", help="Keep calibration KV caches in files "
+                                                                          "here (when host RAM is short)."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the end-to-end error check vs bf16."),
     force: bool = typer.Option(False, "--force", help="Discard an unfinished or finished run in --out and restart."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
@@ -179,7 +181,7 @@ def quantize(
         ckpt=ckpt_dir, out=out, calib=calib, lora=lora, no_lora=no_lora, lora_alpha=lora_alpha, fmt=fmt, act=act,
         keep_bf16=keep_bf16, bf16_budget_mb=bf16_budget_mb, tp=tp, rows=rows, holdout=holdout, seed=seed,
         device=device, force=force, evaluate=not no_eval, calib_size=calib_size, calib_blocks=calib_blocks, t5=t5,
-        wav2vec=wav2vec, vae=vae, progress=not quiet))
+        wav2vec=wav2vec, vae=vae, progress=not quiet, kv_scratch=kv_scratch))
     e2e = (report or {}).get("end_to_end")
     if e2e:
         print(f"{out}: {fmt} done; end-to-end error vs bf16 ({e2e['on']}): {e2e['final_rel_err_mean']:.4f}")

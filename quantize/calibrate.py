@@ -180,20 +180,79 @@ def _layer_kv(kv: StepKV, layer: int, device: torch.device) -> StepKV:
     """A StepKV holding only `layer`'s rows, on `device` (the same object when nothing has to move)."""
     if kv.k[layer].device == device:
         return kv
-    view = StepKV.__new__(StepKV)
+    view = StepKV([], kv.capacity, kv.k[layer].shape[1], kv.k[layer].shape[2], kv.k[layer].dtype, device)
     view.capacity = kv.capacity
     view.k, view.v = {layer: kv.k[layer].to(device)}, {layer: kv.v[layer].to(device)}
     return view
 
 
+def cond_tokens(cfg: DiTConfig, latent_hw: tuple[int, int]) -> int:
+    """Reference + FramePack motion tokens of the prefill (2640 at 704x384)."""
+    h, w = latent_hw
+    ph, pw = cfg.patch_size[1:]
+    full = (h // ph) * (w // pw)
+    return 2 * full + (h // (2 * ph)) * (w // (2 * pw)) + 4 * (h // (4 * ph)) * (w // (4 * pw))
+
+
+def host_state_estimate(cfg: DiTConfig, samples: Sequence[CalibSample], dtype_bytes: int = 2) -> int:
+    """Host bytes of the samples' KV caches (all steps, all layers) + prefill caches + text K/V."""
+    per_token = 2 * cfg.dim * dtype_bytes * cfg.num_layers  # K and V over all layers
+    total = 0
+    for s in samples:
+        ph, pw = cfg.patch_size[1:]
+        bt = cfg.frames_per_block * (s.latent_hw[0] // ph) * (s.latent_hw[1] // pw)
+        total += cfg.num_steps * len(s.blocks) * bt * per_token
+        total += (cond_tokens(cfg, s.latent_hw) + cfg.text_len) * per_token
+    return total
+
+
+def _make_kv(cfg: DiTConfig, rows: int, capacity: int, dtype, store, scratch, tag: str) -> StepKV:
+    """A StepKV whose tensors live on `store`, or in sparse memory-mapped files under `scratch` (disk)."""
+    if scratch is None:
+        kv = StepKV(list(range(cfg.num_layers)), rows, cfg.num_heads, cfg.head_dim, dtype, store)
+    else:
+        import math
+
+        kv = StepKV([], rows, cfg.num_heads, cfg.head_dim, dtype, store)  # attributes only, no tensors
+        shape = (rows, cfg.num_heads, cfg.head_dim)
+        n = math.prod(shape)
+        kv.k, kv.v = {}, {}
+        for layer in range(cfg.num_layers):
+            for kind, d in (("k", kv.k), ("v", kv.v)):
+                path = scratch / f"{tag}.l{layer}.{kind}"
+                with open(path, "wb") as f:
+                    f.truncate(n * dtype.itemsize)  # sparse: reads as zeros, takes no disk until written
+                d[layer] = torch.from_file(str(path), shared=True, size=n, dtype=dtype).view(shape)
+    kv.capacity = capacity  # the ring's real size (storage may be smaller: calibration never wraps)
+    return kv
+
+
 @torch.no_grad()
 def run_trajectory(source: LayerSource, samples: Sequence[CalibSample], roles: Sequence[str] | None = None, *,
                    observer: Observer | None = None, store: torch.device | str = "cpu",
-                   static_steps: bool = False, progress: Callable[[str], None] | None = None) -> TrajectoryResult:
+                   static_steps: bool = False, progress: Callable[[str], None] | None = None,
+                   kv_scratch=None) -> TrajectoryResult:
     """Run every sample's real sampler trajectory, streaming layers from `source` (see the module docstring).
 
     `static_steps`: before each layer runs, select the per-step static fp8 activation scales (quantized models).
-    `progress(description)` is called once per (pass, layer)."""
+    `progress(description)` is called once per (pass, layer). `kv_scratch`: a folder for disk-backed KV caches
+    (memory-mapped, removed afterwards) when they do not fit in host RAM."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    scratch = None
+    if kv_scratch is not None:
+        Path(kv_scratch).mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix="kv-", dir=kv_scratch))
+    try:
+        return _run(source, samples, roles, observer, store, static_steps, progress, scratch)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run(source, samples, roles, observer, store, static_steps, progress, scratch) -> TrajectoryResult:
     t0 = time.perf_counter()
     cfg = source.cfg
     device = source.device
@@ -220,10 +279,9 @@ def run_trajectory(source: LayerSource, samples: Sequence[CalibSample], roles: S
         _, st.e6_zero = nb.time_modulation(torch.zeros(1, device=device))
         st.cond = CondCache(positions=positions.to(store), num_ref_tokens=n_ref)
         rows = len(s.blocks) * st.block_tokens  # never wraps: calibration stays inside one clip
-        for _ in range(cfg.num_steps):
-            kv = StepKV(list(range(cfg.num_layers)), rows, cfg.num_heads, cfg.head_dim, dtype, store)
-            kv.capacity = cfg.blocks_per_clip * st.block_tokens  # the ring's real size (indexing identical)
-            st.kv.append(kv)
+        for step in range(cfg.num_steps):
+            st.kv.append(_make_kv(cfg, rows, cfg.blocks_per_clip * st.block_tokens, dtype, store, scratch,
+                                  f"s{i}.t{step}"))
         states.append(st)
 
     max_blocks = max(len(s.blocks) for s in samples)

@@ -33,11 +33,11 @@ from lowvram.calibration.samples import CalibSample, check_samples, load_calibra
 from lowvram.checkpoint import (
     LORA_NAME, build_meta_model, check_keys, checkpoint_index, identify, read_config_json, read_lora,
 )
-from lowvram.errors import CheckpointError, InputError
+from lowvram.errors import CheckpointError, DoesNotFitError, InputError
 from lowvram.kernels import linear as K
 from lowvram.model.config import DiTConfig
 
-from .calibrate import CheckpointSource, Observer, peak_rss_bytes, run_trajectory
+from .calibrate import CheckpointSource, Observer, host_state_estimate, run_trajectory
 from .formats import DEFAULT_ALPHAS, QUANT_FORMATS, LinearPlan, analyze_linear, build_module, choose_keep_bf16, rel_err
 from .io import TMP_MARK, atomic_write_json, atomic_write_text, file_sha256, header_fingerprint, read_safetensors, \
     write_safetensors
@@ -79,6 +79,7 @@ class QuantizeOptions:
     wav2vec: Path | None = None
     vae: Path | None = None
     progress: bool = True
+    kv_scratch: Path | None = None  # disk-backed calibration KV caches (memory-mapped) when RAM is short
     samples: list[CalibSample] | None = field(default=None, repr=False)  # in-process calibration samples
 
 
@@ -314,6 +315,14 @@ def quantize_checkpoint(opts: QuantizeOptions, encoders=None) -> dict:
     roles = ["train"] * (n - holdout) + ["heldout"] * holdout
     eval_ids = [i for i, r in enumerate(roles) if r == "heldout"] or list(range(n))
 
+    need = host_state_estimate(cfg, samples)
+    avail = _available_ram()
+    if opts.kv_scratch is None and avail is not None and need > 0.8 * avail:
+        h, w = samples[0].latent_hw
+        raise DoesNotFitError(f"calibration keeps the KV caches of {n} samples x {max(len(s.blocks) for s in samples)} "
+                              f"blocks at latent {h}x{w}: {need / 1e9:.1f} GB of host RAM, {avail / 1e9:.1f} GB "
+                              f"available; pass --kv-scratch DIR (disk), fewer clips, --calib-blocks 1 or a smaller "
+                              f"--calib-size")
     meta = build_meta_model(cfg)
     base_recipe = K.default_recipe(meta, opts.fmt)
     check_tp(cfg, base_recipe, opts.tp)
@@ -363,12 +372,13 @@ def quantize_checkpoint(opts: QuantizeOptions, encoders=None) -> dict:
         passes = max(len(s.blocks) for s in samples) * cfg.num_steps
         with bar.phase(f"calibrating {n - holdout}+{holdout} samples", passes * cfg.num_layers) as advance:
             observer.advance = advance
-            traj = run_trajectory(source, samples, roles, observer=observer)
+            traj = run_trajectory(source, samples, roles, observer=observer, kv_scratch=opts.kv_scratch)
         refs = {i: (traj.velocities[i], traj.finals[i]) for i in eval_ids}
         calib_run = {"passes": traj.passes, "layer_loads": traj.layer_loads, "bytes_read": traj.bytes_read,
                      "seconds": round(traj.seconds, 3), "host_state_bytes": traj.host_state_bytes,
                      "stats_peak_bytes": recorder.nbytes, "peak_rss_bytes": traj.peak_rss_bytes,
-                     "peak_vram_bytes": traj.peak_vram_bytes, "device": str(device)}
+                     "peak_vram_bytes": traj.peak_vram_bytes, "device": str(device),
+                     "kv_on_disk": opts.kv_scratch is not None, "samples": n, "heldout": holdout}
         missing = [name for name, fmt in base_recipe.items() if fmt != "bf16" and name not in plans]
         if missing:
             raise RuntimeError(f"calibration produced no plan for {missing[0]}")
@@ -438,7 +448,7 @@ def quantize_checkpoint(opts: QuantizeOptions, encoders=None) -> dict:
                     advance(f"layer {layer}")
 
             qt = run_trajectory(qsrc, eval_samples, ["heldout"] * len(eval_samples), observer=_Adv(),
-                                static_steps=True)
+                                static_steps=True, kv_scratch=opts.kv_scratch)
         e2e = _end_to_end(cfg, eval_ids, refs, qt, holdout > 0)
 
     report = _report(opts, cfg, manifest, final_plans, keep_info, calib_run, e2e, index, source.bytes_read,
@@ -451,6 +461,16 @@ def quantize_checkpoint(opts: QuantizeOptions, encoders=None) -> dict:
     bar.log(f"wrote {out} ({sum(f['bytes'] for f in manifest['files'].values()) / 1e6:.1f} MB); report: "
             f"{out / REPORT_MD}")
     return report
+
+
+def _available_ram() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _file_ok(out: Path, journal: dict, name: str) -> bool:

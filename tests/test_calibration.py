@@ -259,3 +259,29 @@ def test_recorder_statistics_and_reservoir():
         with rec2.context(step, "train"):
             block.blocks["0"].ffn(x)
     assert torch.equal(rec2.groups["blocks.0.ffn.0"].train.rows, g.train.rows)  # deterministic
+
+
+def test_quantize_from_real_clips_through_the_conditioning_encoders(tmp_path):
+    """Clip set -> umT5, wav2vec2, Wan VAE (tiny random weights in the real file layout) -> DiT inputs ->
+    block-streaming calibration -> int8 folder: the path a user runs, on CPU."""
+    demo = pytest.importorskip("lowvram.demo")
+    if not all(hasattr(demo, n) for n in ("write_tiny_checkpoint", "face_like_image", "speech_like_wave")):
+        pytest.skip("lowvram.demo lacks the tiny-checkpoint writers")
+    torch.set_num_threads(1)
+    root = tmp_path / "ckpt"
+    demo.write_tiny_checkpoint(root)
+    src = tmp_path / "src"
+    src.mkdir()
+    demo.face_like_image(src / "face.png")
+    demo.speech_like_wave(src / "speech.wav", 5.0, 0)
+    code, _, err = cli("calib", "make", "--image", str(src / "face.png"), "--audio", str(src / "speech.wav"),
+                       "--prompt", "a person talks", "--out", str(tmp_path / "clips"), "--clip-seconds", "2.5")
+    assert code == 0, err
+    code, out, err = cli("quantize", str(root), "--calib", str(tmp_path / "clips"), "--format", "int8", "--out",
+                         str(tmp_path / "q"), "--device", "cpu", "--calib-size", "64*64", "--calib-blocks", "1")
+    assert code == 0, err
+    report = json.loads((tmp_path / "q" / "quant_report.json").read_text())
+    src_info = report["calibration"]["source"]
+    assert src_info["kind"] == "clips" and src_info["clips"] == 2 and report["calibration"]["heldout"] == 1
+    assert report["end_to_end"]["final_rel_err_mean"] < 0.05
+    assert any((tmp_path / "clips" / ".encoded").iterdir())  # encoded once, reused on resume

@@ -2,7 +2,8 @@
 
 Measured on this model (1 calibration + 1 held-out sample, 1 block x 4 steps; relative L2 error of the 4-step
 denoised latents of the held-out sample vs the bf16 model, both run through `Stream`):
-fp8 dynamic ~0.019, fp8 static ~0.04, int8 SmoothQuant ~0.006, int4 ~0.06. Bounds below are ~2.5x those.
+fp8 dynamic 0.019, fp8 static (per layer and step) 0.018, int8 SmoothQuant 0.006, int4 0.059. Bounds below are
+2.5x or more of those. With 2 outlier channels, int8 SmoothQuant 0.009 vs naive per-tensor int8 0.043.
 """
 
 import contextlib
@@ -28,7 +29,7 @@ from lowvram.quantize.calibrate import CheckpointSource, ModuleSource, run_traje
 from lowvram.quantize.io import write_safetensors
 from lowvram.synthetic import write_checkpoint, write_lora
 
-BOUNDS = {"fp8": 0.05, "fp8-static": 0.10, "int8": 0.02, "int4": 0.15}
+BOUNDS = {"fp8": 0.05, "fp8-static": 0.05, "int8": 0.02, "int4": 0.15}
 EXIT_ENV = "LOWVRAM_QUANTIZE_EXIT_AFTER_BLOCK"
 
 
@@ -121,7 +122,7 @@ def quantized(tmp_path_factory, ckpt, calib_dir):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def test_streaming_trajectory_is_the_real_sampler(ckpt, cfg, bf16_model):
+def test_streaming_trajectory_is_the_real_sampler(ckpt, cfg, bf16_model, tmp_path):
     """Layer-streamed lock-step calibration == Stream.sample_block, bit for bit (2 blocks: the KV caches matter);
     the bytes read are counted: passes x (layers + LoRA) + the nonblock weights once."""
     from lowvram.checkpoint import checkpoint_index, read_lora
@@ -138,6 +139,9 @@ def test_streaming_trajectory_is_the_real_sampler(ckpt, cfg, bf16_model):
     nonblock = sum(e.nbytes for k, e in index.items() if k not in block_keys)
     per_pass = sum(index[k].nbytes for k in block_keys) + lora.nbytes
     assert res.bytes_read == nonblock + res.passes * per_pass
+    on_disk = run_trajectory(CheckpointSource(index, cfg, lora), two, kv_scratch=tmp_path / "kv")
+    assert all(torch.equal(a, b) for a, b in zip(on_disk.finals, res.finals))  # memory-mapped KV: same result
+    assert list((tmp_path / "kv").iterdir()) == []  # scratch removed
 
 
 @pytest.mark.parametrize("name", ["fp8", "fp8-static", "int8", "int4"])
@@ -311,3 +315,28 @@ def test_tampered_file_fails_to_load(quantized, tmp_path):
     load_quantized(folder, layers=[0, 1])  # files it does not read are not its concern
     with pytest.raises(CheckpointError, match=r"block_002\.safetensors.*sha256.*re-run `lowvram quantize`"):
         load_quantized(folder)
+
+
+def test_tp2_folder_runs_in_the_parallel_engine(quantized, tmp_path, cfg, samples):
+    """The TP split of the files is the one the parallel runtime expects: a tp=2 run (two gloo ranks, each
+    reading only its own files) gives the tp=1 quantized latents up to the per-rank activation quantization."""
+    engine = pytest.importorskip("lowvram.parallel.engine")
+    from lowvram.parallel.launch import spawn
+    from lowvram.parallel.worker import WorkerSpec, run_worker
+
+    two = tmp_path / "tp2"
+    reshard(quantized["int8"], 2, two)
+    s = samples[1]
+    inputs = engine.StreamInputs(context=s.context, ref_latents=s.ref_latents, motion_latents=s.motion_latents,
+                                 audio=s.blocks[0][1], num_blocks=1, seed=7, latent_hw=s.latent_hw)
+    torch.save(inputs, tmp_path / "inputs.pt")
+    got = {}
+    engine.StageRunner(load_quantized(quantized["int8"]), engine.Topology(), inputs,
+                       on_latent=lambda b, x: got.__setitem__(b, x)).run()
+    spec = WorkerSpec(source=str(two), cfg=cfg.to_dict(), tp=2, pp=1, stages=[list(range(cfg.num_layers))],
+                      inputs_path=str(tmp_path / "inputs.pt"), quantized=True)
+    tp2 = {}
+    spawn(run_worker, (spec,), 2, "gloo", lambda kind, rank, p: tp2.__setitem__(p[0], torch.from_numpy(p[1])))
+    err = rel(tp2[0], got[0])
+    print(f"int8 tp2 vs tp1: {err:.4f}")
+    assert err < 0.02
