@@ -104,7 +104,7 @@ class _Bar:
 
     def log(self, text: str) -> None:
         if self.console is not None:
-            self.console.print(text, highlight=False)
+            self.console.print(text, highlight=False, soft_wrap=True)
 
     def phase(self, description: str, total: int):
         import contextlib

@@ -253,6 +253,8 @@ def test_resume_after_kill_gives_identical_bytes(ckpt, calib_dir, quantized, tmp
     code, err = cli(*args)  # the same command resumes
     assert code == 0, err
     assert files_of(out) == files_of(quantized["int8"])  # byte-identical to the uninterrupted run
+    code, err = cli(*args)  # finished: verified against the manifest, nothing rewritten
+    assert code == 0 and "already quantized" in err, err
     code, err = cli(*args[:-2], "--device", "cpu", "--format", "fp8")
     assert code != 0 and "--force" in err  # other settings never silently mix into a folder
     code, err = cli(*args, "--force")  # --force restarts from scratch: same bytes again

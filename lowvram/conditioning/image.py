@@ -158,7 +158,7 @@ def center_crop(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
 
 def to_pixels(image: np.ndarray) -> torch.Tensor:
     """uint8 ``[H, W, 3]`` -> float32 ``[1, 3, 1, H, W]`` in [-1, 1] (``value / 255 * 2 - 1`` in float32)."""
-    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous()
+    t = torch.from_numpy(np.array(image, dtype=np.uint8, order="C", copy=True)).permute(2, 0, 1).contiguous()
     t = t.to(torch.float32).div(255)
     t = t * 2 - 1
     return t.unsqueeze(1).unsqueeze(0)

@@ -87,9 +87,13 @@ def attention_parts(q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tenso
         o, lse = _sdpa_with_lse(q4, k4, v4)
         outs.append(o)
         lses.append(lse)
+    return merge_attention(outs, lses).to(q.dtype).transpose(1, 2).reshape(*q.shape[:-2], -1)
+
+
+def merge_attention(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> torch.Tensor:
+    """softmax over the union = sum of the partial outputs weighted by exp(lse_i - lse_total)."""
     total = torch.logsumexp(torch.stack(lses), dim=0)
-    out = sum(o.float() * torch.exp(lse - total)[..., None] for o, lse in zip(outs, lses))
-    return out.to(q.dtype).transpose(1, 2).reshape(*q.shape[:-2], -1)
+    return sum(o.float() * torch.exp(lse - total)[..., None] for o, lse in zip(outs, lses))
 
 
 class RMSNorm(nn.Module):
@@ -497,6 +501,19 @@ class LiveAvatarDiT(nn.Module):
         pt, ph, pw = self.cfg.patch_size
         out = out.reshape(frames, rows, cols, pt, ph, pw, self.cfg.out_dim)
         return out.permute(6, 0, 3, 1, 4, 2, 5).reshape(self.cfg.out_dim, frames * pt, rows * ph, cols * pw)
+
+
+def compile_model() -> None:
+    """torch.compile the per-layer math around the attention kernels (GPU runs; shapes are static per size).
+
+    The pre- and post-attention parts fuse normalisation, modulation, activation quantization, RoPE and the
+    gates into a few kernels; the conditioning-key RoPE and the segment merge are compiled on their own.
+    """
+    global apply_rope, merge_attention
+    Block.pre_attention = torch.compile(Block.pre_attention, dynamic=False)
+    Block.post_attention = torch.compile(Block.post_attention, dynamic=False)
+    apply_rope = torch.compile(apply_rope, dynamic=False)
+    merge_attention = torch.compile(merge_attention, dynamic=False)
 
 
 def fuse_qkv_(model: nn.Module) -> nn.Module:

@@ -1,0 +1,74 @@
+"""`lowvram run` end to end on a tiny real-layout checkpoint: mp4 with audio, layouts agree, bad input."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lowvram.demo import face_like_image, speech_like_wave, write_tiny_checkpoint
+from lowvram.media import read_video_info
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    lora = write_tiny_checkpoint(root)
+    face_like_image(root / "face.png", 128, 128)
+    speech_like_wave(root / "speech.wav", 1.6, seed=1)
+    return root, lora
+
+
+def lowvram(*args, timeout=240):
+    return subprocess.run([sys.executable, "-m", "lowvram.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def run_args(root, lora, out, *extra):
+    return ("run", root, "--image", root / "face.png", "--audio", root / "speech.wav", "--prompt", "a baker talks",
+            "--lora", lora, "--size", "128*128", "--device", "cpu", "--seconds", "1", "-o", out, "--json", *extra)
+
+
+@pytest.fixture(scope="module")
+def single_run(tiny_ckpt, tmp_path_factory):
+    root, lora = tiny_ckpt
+    out = tmp_path_factory.mktemp("out")
+    r = lowvram(*run_args(root, lora, out / "a.mp4", "--latents", out / "a.safetensors"))
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_run_writes_an_mp4_with_audio(single_run):
+    info = read_video_info(single_run / "a.mp4")
+    assert info.video_codec == "h264" and info.audio_codec == "aac"
+    assert info.num_frames == 9 + 12 + 12  # 3 blocks for 1 s; the first block keeps 9 frames after the warm-up
+    assert abs(info.audio_duration - info.num_frames / 25) <= 1 / 25 + 1e-6
+    latents = load_file(single_run / "a.safetensors")
+    assert sorted(latents) == ["block_00000", "block_00001", "block_00002"]
+    assert all(torch.isfinite(t).all() for t in latents.values())
+
+
+def test_pipeline_workers_give_the_same_latents(tiny_ckpt, single_run):
+    root, lora = tiny_ckpt
+    r = lowvram(*run_args(root, lora, single_run / "b.mp4", "--latents", single_run / "b.safetensors", "--pp", "2"))
+    assert r.returncode == 0, r.stderr
+    a, b = load_file(single_run / "a.safetensors"), load_file(single_run / "b.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-4
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"--image": "missing.png"}, "no such file"),
+    ({"--audio": "face.png"}, "audio"),
+    ({"--image": "speech.wav"}, "image"),
+    ({"--size": "100*abc"}, "size"),
+])
+def test_bad_input_is_one_line(tiny_ckpt, tmp_path, change, needle):
+    root, lora = tiny_ckpt
+    args = list(run_args(root, lora, tmp_path / "x.mp4"))
+    for flag, value in change.items():
+        args[args.index(flag) + 1] = root / value if "." in value else value
+    r = lowvram(*args)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0].lower(), r.stderr
