@@ -214,18 +214,19 @@ def add_vae_and_totals(lay: Layout, capacity: float) -> None:
 
 
 def offload_layout(cfg, shape, per_layer, groups, capacity, spec, fmt, flops_block) -> Layout:
-    """One GPU: weights resident, the current step's KV cache resident, the other steps' in pinned host RAM."""
+    """One GPU: weights resident; every step's KV cache in pinned host RAM, streamed in layer by layer
+    (two layers' buffers on the GPU), the block's new rows written back (lowvram/model/offload.py)."""
     layers = sorted(per_layer)
     lay = Layout(tp=1, pp=1, stages=[layers], mode="offload")
     mem = stage_memory(cfg, shape, layers, 1, per_layer, groups, True, True, steps_resident=1)
-    per_layer_kv = mem["kv_cache"] / len(layers)
-    mem["prefetch_buffers"] = int(2 * per_layer_kv)  # double-buffered next layer of the next step
+    one_step = mem["kv_cache"]
+    mem["kv_cache"] = int(2 * one_step / len(layers))  # the double buffer
     lay.per_gpu_bytes = [dict(mem, stage=0, layers=f"{layers[0]}-{layers[-1]}")]
     add_vae_and_totals(lay, capacity)
-    lay.host_bytes = int(mem["kv_cache"] * (STEPS_IN_FLIGHT - 1))
+    lay.host_bytes = int(one_step * STEPS_IN_FLIGHT)
     h, w = shape.latent_hw()
     new_rows = cfg.frames_per_block * (h // 2) * (w // 2) * cfg.dim * 2 * shape.kv_bytes * cfg.num_layers
-    traffic = STEPS_IN_FLIGHT * (mem["kv_cache"] + new_rows)
+    traffic = STEPS_IN_FLIGHT * (one_step + new_rows)
     lay.comm_bytes_per_block = int(traffic)
     compute = flops_block / (spec[fmt if spec.get(fmt) else "bf16"] * 1e12 * EFFICIENCY)
     lay.seconds_per_block = max(compute, traffic / (spec["pcie_GBps"] * 1e9))

@@ -159,6 +159,8 @@ class TrajectoryResult:
     host_state_bytes: int
     peak_rss_bytes: int
     peak_vram_bytes: int
+    load_seconds: float = 0.0  # of `seconds`: loading layers (read, LoRA merge, to device)
+    analysis_seconds: float = 0.0  # of `seconds`: layer_done callbacks (per-layer analysis in the last pass)
 
 
 def shift_script(cfg: DiTConfig, shifts: list[int] | None) -> dict[tuple[int, int], int] | None:
@@ -176,13 +178,18 @@ def _to(t: torch.Tensor, device) -> torch.Tensor:
     return t if t.device == torch.device(device) else t.to(device)
 
 
-def _layer_kv(kv: StepKV, layer: int, device: torch.device) -> StepKV:
-    """A StepKV holding only `layer`'s rows, on `device` (the same object when nothing has to move)."""
+def _layer_kv(kv: StepKV, layer: int, device: torch.device, start: int, n: int) -> StepKV:
+    """A StepKV holding only `layer`'s rows [0, start + n) on `device`: the earlier blocks' rows are copied in,
+    the current block's are written by the layer (the same object when nothing has to move)."""
     if kv.k[layer].device == device:
         return kv
-    view = StepKV([], kv.capacity, kv.k[layer].shape[1], kv.k[layer].shape[2], kv.k[layer].dtype, device)
+    k, v = kv.k[layer], kv.v[layer]
+    view = StepKV([], kv.capacity, k.shape[1], k.shape[2], k.dtype, device)
     view.capacity = kv.capacity
-    view.k, view.v = {layer: kv.k[layer].to(device)}, {layer: kv.v[layer].to(device)}
+    view.k = {layer: torch.empty((start + n, *k.shape[1:]), dtype=k.dtype, device=device)}
+    view.v = {layer: torch.empty((start + n, *v.shape[1:]), dtype=v.dtype, device=device)}
+    view.k[layer][:start].copy_(k[:start], non_blocking=True)
+    view.v[layer][:start].copy_(v[:start], non_blocking=True)
     return view
 
 
@@ -287,6 +294,7 @@ def _run(source, samples, roles, observer, store, static_steps, progress, scratc
     max_blocks = max(len(s.blocks) for s in samples)
     passes = [(b, s) for b in range(max_blocks) for s in range(cfg.num_steps)]
     layer_loads = 0
+    load_s = observe_s = 0.0
     for p, (b, step) in enumerate(passes):
         active = [st for st in states if b < len(st.sample.blocks)]
         for st in active:  # first-stage work of this forward (Stream.forward up to the layers)
@@ -306,7 +314,9 @@ def _run(source, samples, roles, observer, store, static_steps, progress, scratc
         for layer in range(cfg.num_layers):
             if progress is not None:
                 progress(f"block {b} step {step} layer {layer}")
+            t_l = time.perf_counter()
             lm = source.layer(layer)
+            load_s += time.perf_counter() - t_l
             layer_loads += 1
             obs.layer_loaded(layer, lm)
             if p == 0:  # prefill (Stream.prefill), fused into the first pass
@@ -330,13 +340,16 @@ def _run(source, samples, roles, observer, store, static_steps, progress, scratc
                                       {layer: LayerCond(*(_to(t, device) for t in (lc.cond_k, lc.cond_v, lc.text_k,
                                                                                     lc.text_v)))})
                 kv = st.kv[step]
-                view = _layer_kv(kv, layer, device)
+                n_tok = st.tokens.shape[0]
+                view = _layer_kv(kv, layer, device, st.start, n_tok)
                 with obs.context(step, st.role):
                     st.tokens = lm.run_layers(st.tokens, st.inp, cond_view, view, layers=[layer])
-                if view is not kv:
-                    kv.k[layer].copy_(view.k[layer])
-                    kv.v[layer].copy_(view.v[layer])
+                if view is not kv:  # only the rows this block wrote go back to the host
+                    kv.k[layer][st.start:st.start + n_tok].copy_(view.k[layer][st.start:st.start + n_tok])
+                    kv.v[layer][st.start:st.start + n_tok].copy_(view.v[layer][st.start:st.start + n_tok])
+            t_a = time.perf_counter()
             obs.layer_done(layer, lm, final)
+            observe_s += time.perf_counter() - t_a
             source.release(layer, lm)
             del lm
         for st in active:  # last-stage work: head, Euler update
@@ -354,7 +367,8 @@ def _run(source, samples, roles, observer, store, static_steps, progress, scratc
         finals=[torch.cat(st.finals, dim=1) for st in states],
         bytes_read=source.bytes_read, passes=len(passes), layer_loads=layer_loads,
         seconds=time.perf_counter() - t0, host_state_bytes=host, peak_rss_bytes=peak_rss_bytes(),
-        peak_vram_bytes=int(torch.cuda.max_memory_allocated()) if device.type == "cuda" else 0)
+        peak_vram_bytes=int(torch.cuda.max_memory_allocated()) if device.type == "cuda" else 0,
+        load_seconds=load_s, analysis_seconds=observe_s)
     source.release(-1, nb)
     return result
 

@@ -54,12 +54,17 @@ def read_manifest(folder: str | Path) -> dict:
     return m
 
 
-def _read(folder: Path, name: str, manifest: dict, device) -> dict[str, torch.Tensor]:
+def _read(folder: Path, name: str, manifest: dict, device, verified: set | None = None) -> dict[str, torch.Tensor]:
+    """Read one listed file, checking its sha256 (only the first time when a `verified` set is kept)."""
     entry = manifest["files"].get(name)
     if entry is None:
         raise CheckpointError(f"{folder / name}: not listed in {MANIFEST} (the folder is split for --tp "
                               f"{manifest.get('tp', {}).get('size', 1)}); use `lowvram reshard` or {RERUN}")
-    return read_safetensors(folder / name, entry["sha256"], device, fix=RERUN)
+    check = verified is None or name not in verified
+    out = read_safetensors(folder / name, entry["sha256"] if check else None, device, fix=RERUN)
+    if verified is not None:
+        verified.add(name)
+    return out
 
 
 def _static_linears(manifest: dict) -> set[str]:
@@ -140,14 +145,15 @@ def load_quantized_stage(source: str | Path, cfg: DiTConfig | None, topo, layers
     return model
 
 
-def layer_state(folder: str | Path, layer: int | None, manifest: dict | None = None, device="cpu") -> dict:
+def layer_state(folder: str | Path, layer: int | None, manifest: dict | None = None, device="cpu",
+                verified: set | None = None) -> dict:
     """The full (TP-merged) tensors of one layer file (or of the nonblock file for layer=None)."""
     folder = Path(folder)
     manifest = manifest or read_manifest(folder)
     if layer is None:
-        return _read(folder, NONBLOCK, manifest, device)
+        return _read(folder, NONBLOCK, manifest, device, verified)
     n = int(manifest.get("tp", {}).get("size", 1))
-    return merge_states([_read(folder, block_file(layer, r, n), manifest, device) for r in range(n)],
+    return merge_states([_read(folder, block_file(layer, r, n), manifest, device, verified) for r in range(n)],
                         manifest["recipe"])
 
 
@@ -159,6 +165,7 @@ class QuantizedSource(LayerSource):
         self.cfg = DiTConfig.from_dict(manifest["config"])
         self.device = torch.device(device)
         self.bytes_read = 0
+        self.verified: set[str] = set()  # each file's sha256 is checked on its first read only
 
     def _count(self, names):
         self.bytes_read += sum(int(self.manifest["files"][n]["bytes"]) for n in names)
@@ -166,14 +173,14 @@ class QuantizedSource(LayerSource):
     def nonblock(self):
         model = _skeleton(self.manifest, [], True, True, 1)
         self._count([NONBLOCK])
-        _assign_all(model, layer_state(self.folder, None, self.manifest, self.device), self.folder / NONBLOCK)
+        _assign_all(model, layer_state(self.folder, None, self.manifest, self.device, self.verified), self.folder / NONBLOCK)
         return _finish(model, self.folder)
 
     def layer(self, layer):
         model = _skeleton(self.manifest, [layer], False, False, 1)
         n = int(self.manifest.get("tp", {}).get("size", 1))
         self._count([block_file(layer, r, n) for r in range(n)])
-        _assign_all(model, layer_state(self.folder, layer, self.manifest, self.device), self.folder)
+        _assign_all(model, layer_state(self.folder, layer, self.manifest, self.device, self.verified), self.folder)
         return _finish(model, self.folder)
 
 

@@ -96,7 +96,9 @@ def main(argv=None) -> dict:
         per_layer_write = write_s / args.layers
         per_layer_eval = eval_s / args.layers
         result["formats"][fmt] = {
-            "measured": {"total_s": round(total, 1), "calibration_s": calib_s, "write_s": round(write_s, 1),
+            "measured": {"total_s": round(total, 1), "calibration_s": calib_s,
+                         "calibration_load_s": run.get("load_seconds"), "analysis_s": run.get("analysis_seconds"),
+                         "eval_load_s": e2e.get("load_seconds"), "write_s": round(write_s, 1),
                          "eval_s": eval_s, "calibration_bytes_read": run["bytes_read"],
                          "quantization_pass_bytes_read": rep["quantization_pass_bytes_read"],
                          "peak_vram_bytes": int(torch.cuda.max_memory_allocated()) if args.device.startswith("cuda")

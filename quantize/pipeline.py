@@ -375,7 +375,8 @@ def quantize_checkpoint(opts: QuantizeOptions, encoders=None) -> dict:
             traj = run_trajectory(source, samples, roles, observer=observer, kv_scratch=opts.kv_scratch)
         refs = {i: (traj.velocities[i], traj.finals[i]) for i in eval_ids}
         calib_run = {"passes": traj.passes, "layer_loads": traj.layer_loads, "bytes_read": traj.bytes_read,
-                     "seconds": round(traj.seconds, 3), "host_state_bytes": traj.host_state_bytes,
+                     "seconds": round(traj.seconds, 3), "load_seconds": round(traj.load_seconds, 3),
+                     "analysis_seconds": round(traj.analysis_seconds, 3), "host_state_bytes": traj.host_state_bytes,
                      "stats_peak_bytes": recorder.nbytes, "peak_rss_bytes": traj.peak_rss_bytes,
                      "peak_vram_bytes": traj.peak_vram_bytes, "device": str(device),
                      "kv_on_disk": opts.kv_scratch is not None, "samples": n, "heldout": holdout}
@@ -555,7 +556,7 @@ def _end_to_end(cfg: DiTConfig, eval_ids, refs, qt, heldout: bool) -> dict:
             "samples": per_sample, "final_rel_err_mean": sum(finals) / len(finals), "final_rel_err_max": max(finals),
             "velocity_rel_err_per_step": [sum(e) / len(e) for e in step_errs],
             "metric": "||x_q - x_bf16|| / ||x_bf16|| of the 4-step denoised latents (all blocks), same noise/shifts",
-            "bytes_read": qt.bytes_read, "seconds": round(qt.seconds, 3)}
+            "bytes_read": qt.bytes_read, "seconds": round(qt.seconds, 3), "load_seconds": round(qt.load_seconds, 3)}
 
 
 def _report(opts, cfg, manifest, plans, keep_info, calib_run, e2e, index, quant_bytes_read, seconds, resumed) -> dict:

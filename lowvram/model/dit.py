@@ -465,7 +465,10 @@ class LiveAvatarDiT(nn.Module):
         cond_pos[: cond.num_ref_tokens, 0] += inp.ref_shift
         cond_rope = rope_table(cond_pos, cfg.rope_split)
         e6 = inp.e6
-        for i in self.layer_ids if layers is None else layers:
+        run = self.layer_ids if layers is None else layers
+        if hasattr(kv, "begin"):  # host-offloaded cache: start streaming the first layer in
+            kv.begin(inp.start)
+        for i in run:
             lc = cond.layers[i]
 
             def kv_fn(k_roped, v, k_raw, i=i, lc=lc):

@@ -64,7 +64,8 @@ class Stream:
     """Holds the prefilled conditioning cache and the per-step noisy caches of one stream on one device."""
 
     def __init__(self, model: LiveAvatarDiT, cond: Conditioning, latent_hw: tuple[int, int],
-                 draws: Callable[[int, int], int] | None = None, kv_dtype: torch.dtype | None = None):
+                 draws: Callable[[int, int], int] | None = None, kv_dtype: torch.dtype | None = None,
+                 kv_offload: bool = False):
         self.model = model
         self.cfg = cfg = model.cfg
         self.latent_hw = latent_hw
@@ -76,6 +77,12 @@ class Stream:
         self.timesteps, self.sigmas = flow_schedule(cfg.num_steps, cfg.scheduler_shift)
         self.kv_dtype = kv_dtype or model.dtype
         self.kv: list[StepKV | None] = [None] * cfg.num_steps  # allocated on first use of each step
+        if kv_offload:  # every step's cache in host RAM, streamed layer by layer
+            from lowvram.model.offload import host_caches
+
+            device = next(model.parameters()).device
+            self.kv = host_caches(model.layer_ids, cfg.num_steps, cfg.blocks_per_clip * self.block_tokens,
+                                  cfg.num_heads // model.tp, cfg.head_dim, self.kv_dtype, device)
         self.cond = self.prefill(cond)
         self.next_start = 0
 

@@ -138,7 +138,7 @@ class StageRunner:
     """Runs this rank's part of a stream: the pipelined prefill, then every (block, step) item."""
 
     def __init__(self, model: LiveAvatarDiT, topo: Topology, inputs: StreamInputs, kv_dtype=None,
-                 on_latent: Callable[[int, torch.Tensor], None] | None = None):
+                 on_latent: Callable[[int, torch.Tensor], None] | None = None, kv_offload: bool = False):
         self.model, self.topo, self.inputs = model, topo, inputs
         self.cfg = cfg = model.cfg
         self.device = next(model.parameters()).device
@@ -152,8 +152,14 @@ class StageRunner:
         self.kv_dtype = kv_dtype or self.dtype
         capacity = cfg.blocks_per_clip * self.block_tokens
         heads = cfg.num_heads // topo.tp
-        self.kv = [StepKV(model.layer_ids, capacity, heads, cfg.head_dim, self.kv_dtype, self.device)
-                   for _ in range(cfg.num_steps)]
+        if kv_offload:  # one GPU: the steps' caches in pinned host RAM, streamed in layer by layer
+            from lowvram.model.offload import host_caches
+
+            self.kv = host_caches(model.layer_ids, cfg.num_steps, capacity, heads, cfg.head_dim, self.kv_dtype,
+                                  self.device)
+        else:
+            self.kv = [StepKV(model.layer_ids, capacity, heads, cfg.head_dim, self.kv_dtype, self.device)
+                       for _ in range(cfg.num_steps)]
         self.channel = Channel(self.device)
         self.on_latent = on_latent
         self.latents: dict[int, torch.Tensor] = {}  # (block) -> latent waiting for its next step (pp == 1)
