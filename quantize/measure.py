@@ -44,8 +44,39 @@ def _shim() -> None:
         spec.loader.exec_module(mod)
 
 
+def check_tiny(device: str) -> float:
+    """Max |difference| between the layer-streamed trajectory (host KV store, device compute) and `Stream` on
+    `device`, on a tiny checkpoint with 2 blocks per sample (the KV caches are read back)."""
+    import torch
+
+    from lowvram.calibration import synthetic_samples
+    from lowvram.checkpoint import build_meta_model, checkpoint_index, load_state_dict_streaming, read_lora
+    from lowvram.model.config import tiny
+    from lowvram.model.sampler import Conditioning, ShiftDraws, Stream
+    from lowvram.quantize.calibrate import CheckpointSource, run_trajectory
+    from lowvram.synthetic import write_checkpoint
+
+    cfg = tiny()
+    root = Path(tempfile.mkdtemp(prefix="qcheck-"))
+    write_checkpoint(root, cfg, seed=0, shards=2, lora=True)
+    lora = root / "liveavatar.safetensors"
+    model = load_state_dict_streaming(root, build_meta_model(cfg), device=device, lora=lora).eval()
+    samples = synthetic_samples(cfg, 2, seed=3, blocks=2)
+    res = run_trajectory(CheckpointSource(checkpoint_index(root), cfg, read_lora(lora, cfg), device), samples)
+    worst = 0.0
+    for i, s in enumerate(samples):
+        st = Stream(model, Conditioning(s.context.to(device), s.ref_latents.to(device), s.motion_latents.to(device)),
+                    s.latent_hw, draws=ShiftDraws(cfg, seed=s.shift_seed))
+        out = torch.cat([st.sample_block(*(t.to(device) for t in blk)) for blk in s.blocks], dim=1).cpu()
+        worst = max(worst, float((out - res.finals[i]).abs().max()))
+    return worst
+
+
 def main(argv=None) -> dict:
     _shim()
+    if argv is None and "--check-tiny" in sys.argv:
+        print(json.dumps({"tiny_stream_vs_streamed_max_abs": check_tiny("cuda")}), flush=True)
+        sys.argv.remove("--check-tiny")
     import torch
 
     from lowvram.calibration import synthetic_samples
