@@ -200,6 +200,17 @@ def reshard(
     print(f"{out or folder}: split for tp {manifest['tp']['size']} ({len(manifest['files'])} files)")
 
 
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("lowvram-demo"), "--out", help="Folder for the tiny model, clips, videos and report."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+) -> None:
+    """The whole path on a tiny random-weight model in the real layout: inspect, plan, quantize, run, bench."""
+    from lowvram.demo import run_demo
+
+    run_demo(out, device)
+
+
 def main() -> None:
     """Console entry point: a LowvramError prints one line (no traceback) and sets the exit code."""
     try:
