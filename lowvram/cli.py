@@ -115,6 +115,8 @@ def run(
     summary = run_stream(RunOptions(model_dir=model_dir, image=image, audio=audio, prompt=prompt, output=output,
                                     ckpt_dir=ckpt_dir, lora=lora, size=size, seed=seed, device=device, gpus=gpus,
                                     tp=tp, pp=pp, seconds=seconds, latents=latents, kv=kv, progress=not json_out))
+    if "output" not in summary:  # a torchrun rank that neither decodes nor writes
+        return
     if json_out:
         print(json.dumps(summary))
     else:

@@ -213,14 +213,71 @@ class BlockSink:
             save_file(self.kept, str(self.latents_path))
 
 
+def run_under_torchrun(opts: RunOptions, comps: Components, device: str) -> dict:
+    """Launched by an external `torchrun` (one process per rank, any number of nodes): rank 0 computes the
+    conditioning and broadcasts it; the last stage's TP rank 0 decodes and writes the mp4."""
+    import os
+
+    import torch.distributed as dist
+
+    from lowvram.parallel.engine import StageRunner, make_topology
+    from lowvram.parallel.launch import init_distributed, shutdown_distributed
+    from lowvram.parallel.stage import stage_layers
+    from lowvram.parallel.worker import WorkerSpec, device_for, load_stage
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    init_distributed(rank, world, "nccl" if device == "cuda" else "gloo")
+    tp = opts.tp or 1
+    pp = opts.pp or world // tp
+    if tp * pp != world:
+        raise InputError(f"--tp {tp} x --pp {pp} != {world} processes started by torchrun; make them agree")
+    t_start = time.monotonic()
+    box = [None]
+    if rank == 0:
+        box[0] = prepare_conditioning(opts, comps, device)
+    dist.broadcast_object_list(box, src=0)
+    inputs, _, motion = box[0]
+    fmt = comps.fmt if comps.fmt in ("fp8", "int8", "int4") else "bf16"
+    spec = WorkerSpec(source=str(comps.dit), cfg=comps.cfg.to_dict(), tp=tp, pp=pp,
+                      stages=stage_layers(comps.cfg, pp, fmt, comps.recipe), inputs_path="", device=device,
+                      dtype="float32" if device == "cpu" else "bfloat16",
+                      kv_dtype="fp8" if opts.kv == "fp8" else None,
+                      lora=str(comps.lora) if comps.lora else None, quantized=comps.quantized)
+    topo = make_topology(tp, pp)
+    model = load_stage(spec, topo, device_for(spec, rank))
+    sink = None
+    if topo.last and topo.tp_rank == 0:
+        sink = BlockSink(comps.vae, motion, opts.output, opts.audio, "cpu" if device == "cpu" else "cuda",
+                         inputs.num_blocks, opts.latents, make_progress(opts, inputs.num_blocks))
+    try:
+        StageRunner(model, topo, inputs, kv_dtype=torch.float8_e4m3fn if opts.kv == "fp8" else None,
+                    on_latent=sink.put if sink else None).run()
+    finally:
+        if sink is not None:
+            sink.close()
+            if sink.progress is not None:
+                sink.progress.close()
+    shutdown_distributed()
+    summary = {"rank": rank, "layout": f"tp{tp}xpp{pp}", "device": device,
+               "seconds": round(time.monotonic() - t_start, 2)}
+    if sink is not None:
+        summary.update(output=str(opts.output), blocks=sink.next_block, frames=sink.writer.frames_written,
+                       time_to_first_frame_s=sink.first_frame_s)
+    return summary
+
+
 def run(opts: RunOptions) -> dict:
     """The whole run; returns a summary (blocks, frames, seconds, layout, time to first frame)."""
     from lowvram.parallel.engine import StageRunner, Topology
-    from lowvram.parallel.stage import build_stage_from_checkpoint, stage_layers
+    from lowvram.parallel.stage import stage_layers
     from lowvram.parallel.worker import WorkerSpec, load_stage, run_worker
+
+    from lowvram.parallel.launch import under_torchrun
 
     device = pick_device(opts)
     comps = find_components(opts)
+    if under_torchrun():
+        return run_under_torchrun(opts, comps, device)
     from lowvram.conditioning.image import max_area_for_size, read_image, target_size
 
     img = read_image(opts.image)

@@ -72,3 +72,14 @@ def test_bad_input_is_one_line(tiny_ckpt, tmp_path, change, needle):
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0].lower(), r.stderr
+
+
+def test_external_torchrun_gives_the_same_latents(tiny_ckpt, single_run):
+    root, lora = tiny_ckpt
+    args = run_args(root, lora, single_run / "c.mp4", "--latents", single_run / "c.safetensors", "--pp", "2")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "lowvram.cli", *map(str, args)], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, c = load_file(single_run / "a.safetensors"), load_file(single_run / "c.safetensors")
+    assert max((a[k] - c[k]).abs().max().item() for k in a) <= 1e-4
+    assert read_video_info(single_run / "c.mp4").num_frames == 33
