@@ -109,12 +109,12 @@ def pick_device(opts: RunOptions) -> str:
     return opts.device
 
 
-def choose_layout(opts: RunOptions, comps: Components, device: str, latent_hw) -> tuple[int, int]:
-    """(tp, pp): the user's override, or the planner's fastest layout that fits; refuse before loading."""
+def choose_layout(opts: RunOptions, comps: Components, device: str, latent_hw) -> tuple[int, int, bool]:
+    """(tp, pp, kv_offload): the user's override, or the planner's fastest layout that fits; refuse before loading."""
     from lowvram.plan import RunShape, plan_layouts
 
     if device == "cpu":
-        return opts.tp or 1, opts.pp or 1
+        return opts.tp or 1, opts.pp or 1, bool(opts.extra.get("kv_offload"))
     count = torch.cuda.device_count()
     gib = torch.cuda.get_device_properties(0).total_memory / 1024**3
     gpus = opts.gpus or f"{count}x{int(gib)}"
@@ -123,16 +123,17 @@ def choose_layout(opts: RunOptions, comps: Components, device: str, latent_hw) -
     layouts = plan_layouts(comps.cfg, gpus, shape, fmt, comps.recipe)
     if opts.tp or opts.pp:
         tp, pp = opts.tp or 1, opts.pp or 1
-        match = [l for l in layouts if (l.tp, l.pp) == (tp, pp) and l.mode == "resident"]
-        if match and not match[0].fits:
+        match = [l for l in layouts if (l.tp, l.pp) == (tp, pp)]
+        fitting = [l for l in match if l.fits]
+        if match and not fitting:
             raise DoesNotFitError(f"tp {tp} x pp {pp} needs {match[0].peak_bytes / 1024**3:.1f} GiB per GPU, "
                                   f"more than {gpus}; run `lowvram plan` for a layout that fits")
-        return tp, pp
-    best = next((l for l in layouts if l.fits and l.mode == "resident"), None)
+        return tp, pp, bool(fitting and fitting[0].mode == "offload")
+    best = next((l for l in layouts if l.fits), None)
     if best is None:
         raise DoesNotFitError(f"no layout fits {gpus} GiB at {opts.size}; run `lowvram plan {comps.dit} "
                               f"--gpus {gpus}` to see what would (fp8 KV, int4, a smaller size, more GPUs)")
-    return best.tp, best.pp
+    return best.tp, best.pp, best.mode == "offload"
 
 
 def prepare_conditioning(opts: RunOptions, comps: Components, device: str):
@@ -282,7 +283,7 @@ def run(opts: RunOptions) -> dict:
 
     img = read_image(opts.image)
     h, w = target_size(img.shape[0], img.shape[1], max_area_for_size(opts.size))
-    tp, pp = choose_layout(opts, comps, device, (h // 8, w // 8))
+    tp, pp, kv_offload = choose_layout(opts, comps, device, (h // 8, w // 8))
     t_start = time.monotonic()
     inputs, _, motion = prepare_conditioning(opts, comps, device)
     stages = stage_layers(comps.cfg, pp, comps.fmt if comps.fmt in ("fp8", "int8", "int4") else "bf16", comps.recipe)
@@ -301,7 +302,7 @@ def run(opts: RunOptions) -> dict:
             torch.save(inputs, spec.inputs_path)
             if tp * pp == 1:
                 model = load_stage(spec, Topology(), torch.device(device))
-                StageRunner(model, Topology(), inputs, on_latent=sink.put,
+                StageRunner(model, Topology(), inputs, on_latent=sink.put, kv_offload=kv_offload,
                             kv_dtype=torch.float8_e4m3fn if opts.kv == "fp8" else None).run()
             else:
                 from lowvram.parallel.launch import spawn
@@ -316,7 +317,8 @@ def run(opts: RunOptions) -> dict:
     elapsed = time.monotonic() - t_start
     return {"output": str(opts.output), "blocks": sink.next_block, "frames": sink.writer.frames_written,
             "seconds": round(elapsed, 2), "fps": round(sink.writer.frames_written / max(elapsed, 1e-9), 2),
-            "layout": f"tp{tp}xpp{pp}", "device": device, "time_to_first_frame_s": sink.first_frame_s}
+            "layout": f"tp{tp}xpp{pp}" + ("-offload" if kv_offload else ""), "device": device,
+            "time_to_first_frame_s": sink.first_frame_s}
 
 
 class make_progress:

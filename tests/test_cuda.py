@@ -1,0 +1,71 @@
+"""CUDA-only checks (skipped on CPU machines; run on the GPU with `python -m pytest tests/test_cuda.py`)."""
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_offloaded_cache_on_cuda_streams_gives_identical_latents():
+    from test_offload import sample  # noqa: E402  (same helper, moved to the GPU below)
+
+    import test_offload
+
+    orig = test_offload.LiveAvatarDiT
+
+    class OnCuda(orig):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+
+        def load_state_dict(self, sd, *a, **k):
+            out = super().load_state_dict(sd, *a, **k)
+            self.cuda()
+            return out
+
+    test_offload.LiveAvatarDiT = OnCuda
+    try:
+        resident, _ = sample(False)
+        offloaded, stream = sample(True)
+    finally:
+        test_offload.LiveAvatarDiT = orig
+    assert stream.kv[0].stream is not None  # the side-stream path really ran
+    assert torch.equal(resident, offloaded)
+
+
+def test_fp8_scaled_mm_matches_the_dequantized_math():
+    from lowvram.kernels.linear import fast_fp8_supported, quantized_linear
+
+    if not fast_fp8_supported(torch.device("cuda")):
+        pytest.skip("no fp8 tensor cores")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(512, 768).cuda().bfloat16()
+    q = quantized_linear(lin, "fp8")
+    x = torch.randn(100, 512, device="cuda", dtype=torch.bfloat16)
+    fast = q(x).float()
+    x8, sa = __import__("lowvram.kernels.linear", fromlist=["per_token_fp8"]).per_token_fp8(x)
+    slow = (x8.float() * sa) @ (q.weight.float() * q.weight_scale[:, None]).t() + lin.bias.float()
+    assert ((fast - slow).norm() / slow.norm()).item() < 2e-2
+
+
+def test_int8_int_mm_on_cuda_equals_cpu():
+    from lowvram.kernels.linear import quantized_linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 384)
+    q = quantized_linear(lin, "int8")
+    x = torch.randn(40, 256)
+    cpu = q(x)
+    gpu = q.cuda()(x.cuda()).cpu()
+    assert torch.allclose(cpu, gpu, atol=1e-4, rtol=1e-4)
+
+
+def test_segment_attention_equals_concatenated_attention():
+    from lowvram.model.dit import attention, attention_parts
+
+    torch.manual_seed(0)
+    q = torch.randn(300, 4, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(900, 4, 64, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(900, 4, 64, device="cuda", dtype=torch.bfloat16)
+    exact = attention(q, k, v).float()
+    parts = attention_parts(q, [(k[:700], v[:700]), (k[700:], v[700:])]).float()
+    assert (parts - exact).abs().max().item() < 2e-2
