@@ -182,14 +182,28 @@ def run_demo(out: Path, device: str = "cpu", console=None) -> dict:
     step(f"plan for 2x24 GB at 128*128: chosen {plan['chosen']} "
          f"(peak {next(r['peak_GiB'] for r in plan['layouts'] if r['name'] == plan['chosen'])} GiB per GPU)")
 
+    from lowvram.quantize import QuantizeOptions, quantize_checkpoint
+
+    quantized = {}
+    for fmt in ("fp8", "int8"):
+        q_dir = out / f"q-{fmt}"
+        step(f"quantize {fmt}: calibrating on the 2 clips (block-streaming, one layer in memory) -> {q_dir}")
+        rep = quantize_checkpoint(QuantizeOptions(ckpt=ckpt, out=q_dir, calib=clips, lora=lora, fmt=fmt,
+                                                  device=device, calib_size="128*128", calib_blocks=2, rows=128,
+                                                  progress=False))
+        quantized[fmt] = q_dir
+        err = rep.get("end_to_end", {}).get("final_rel_err_mean") if isinstance(rep, dict) else None
+        step(f"  {fmt} written" + (f", end-to-end error vs bf16 {err:.4f}" if isinstance(err, float) else ""))
+
     first = json.loads((clips / "clips.json").read_text())["clips"][0]
-    video = out / "baseline_bf16.mp4"
-    step("run: bf16 baseline on two pipeline workers (gloo on the CPU) …")
-    summary = run(RunOptions(model_dir=ckpt, image=clips / first["image"], audio=clips / first["audio"],
-                             prompt=first["prompt"], output=video, lora=lora, size="128*128", device=device, pp=2,
-                             seconds=1.0, progress=False))
+    video = out / "fp8_two_workers.mp4"
+    step("run: the fp8 folder on two pipeline workers (gloo on the CPU) …")
+    summary = run(RunOptions(model_dir=quantized["fp8"], ckpt_dir=ckpt, image=clips / first["image"],
+                             audio=clips / first["audio"], prompt=first["prompt"], output=video, size="128*128",
+                             device=device, pp=2, seconds=1.0, progress=False))
     step(f"wrote {video} ({summary['frames']} frames, layout {summary['layout']}, {summary['seconds']} s)")
-    result = {"checkpoint": str(ckpt), "clips": str(clips), "videos": [str(video)]}
+    result = {"checkpoint": str(ckpt), "clips": str(clips), "videos": [str(video)],
+              "quantized": {k: str(v) for k, v in quantized.items()}}
     console.print(f"\n[bold green]done in {time.monotonic() - t0:.0f} s.[/] Video: {video}")
     console.print("With the real weights (see README): lowvram inspect Wan2.2-S2V-14B --lora liveavatar.safetensors; "
                   "lowvram plan …; lowvram quantize …; lowvram run …; lowvram bench …")

@@ -164,6 +164,8 @@ class StageRunner:
         self.on_latent = on_latent
         self.latents: dict[int, torch.Tensor] = {}  # (block) -> latent waiting for its next step (pp == 1)
         self.kill_after: int | None = None  # tests: die abruptly after this many items
+        # calibrated static fp8 activation scales are per denoising step (and one for the prefill)
+        self.per_step_scales = any(getattr(mod, "act_scales", None) is not None for mod in model.modules())
         self.noise: dict[int, torch.Tensor] = {}
 
     # ----- shapes of what travels between stages -------------------------------------------------------
@@ -181,9 +183,17 @@ class StageRunner:
 
     # ----- prefill ------------------------------------------------------------------------------------------
 
+    def select_step(self, step: int) -> None:
+        if self.per_step_scales:
+            from lowvram.quantize.formats import set_act_step
+
+            set_act_step(self.model, step)
+
     @torch.no_grad()
     def prefill(self) -> CondCache:
         m, topo, cfg = self.model, self.topo, self.cfg
+        self.select_step(cfg.num_steps)  # the prefill's scales sit after the steps'
+
         if topo.first:
             text = m.embed_text(self.inputs.context.to(self.device))
             tokens, positions, n_ref = m.embed_cond(self.inputs.ref_latents.to(self.device),
@@ -238,6 +248,7 @@ class StageRunner:
             else:
                 tokens, e6, e, audio_global, audio_tokens, x = self.channel.recv(
                     self.item_spec(), topo.peer(topo.stage - 1))
+            self.select_step(s)
             inp = BlockInputs(e6=e6, audio_global=audio_global, audio_tokens=audio_tokens, start=start,
                               ref_shift=reference_shift(cfg, start // self.fsl, self.draws(b, s)),
                               tokens_per_frame=self.fsl, grid=self.grid)
