@@ -13,11 +13,12 @@ from lowvram.model.sampler import Conditioning, ShiftDraws, Stream
 FIXTURE = reference_dir() / "tiny_dit"
 
 
-def sample(kv_offload: bool, blocks: int = 3):
+def sample(kv_offload: bool, blocks: int = 3, device: str = "cpu"):
     fx = json.loads((FIXTURE / "config.json").read_text())
     cfg = DiTConfig.from_dict({**fx["model"], "blocks_per_clip": fx["pipeline"]["num_blocks"]})
     model = LiveAvatarDiT(cfg)
     model.load_state_dict(load_file(FIXTURE / "weights.safetensors"))
+    model.to(device)
     case = load_file(FIXTURE / "case_c.safetensors")
     stream = Stream(model, Conditioning(case["context"], case["ref_latents"], case["motion_latents"]), (8, 16),
                     draws=ShiftDraws(cfg, seed=3), kv_offload=kv_offload)
@@ -27,7 +28,7 @@ def sample(kv_offload: bool, blocks: int = 3):
         noise = torch.randn(16, 3, 8, 16, generator=g)
         audio = torch.randn(1, 25, 32, 12, generator=g)
         out.append(stream.sample_block(noise, audio, torch.zeros(1, 16, 3, 8, 16)))
-    return torch.stack(out), stream
+    return torch.stack(out).cpu(), stream
 
 
 def test_offloaded_cache_gives_identical_latents():

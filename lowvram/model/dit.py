@@ -64,7 +64,10 @@ def _sdpa_with_lse(q4, k4, v4):
                 out = ops._scaled_dot_product_flash_attention(q4, k4, v4)
             else:
                 out = ops._scaled_dot_product_efficient_attention(q4, k4, v4, None, True)
-            return out[0], out[1].reshape(q4.shape[:3])
+            lse = out[1]
+            if lse.dim() == 4:
+                lse = lse[..., 0]
+            return out[0], lse[..., : q4.shape[2]]  # the efficient kernel pads the query axis
         except (RuntimeError, NotImplementedError):
             _LSE_KERNELS.pop(0)  # not available for this GPU/dtype/shape: fall back to the next kernel
     raise RuntimeError("no fused attention kernel with log-sum-exp output is available")
@@ -78,7 +81,7 @@ def attention_parts(q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tenso
     """
     if len(parts) == 1:
         return attention(q, *parts[0])
-    if not q.is_cuda or not _LSE_KERNELS:
+    if not q.is_cuda or not _LSE_KERNELS or q.dtype not in (torch.bfloat16, torch.float16):
         return attention(q, torch.cat([k for k, _ in parts]), torch.cat([v for _, v in parts]))
     q4 = q.reshape(-1, *q.shape[-3:]).transpose(1, 2)
     outs, lses = [], []

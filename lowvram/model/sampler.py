@@ -89,8 +89,9 @@ class Stream:
     @torch.no_grad()
     def prefill(self, cond: Conditioning) -> CondCache:
         m = self.model
-        text = m.embed_text(cond.context)
-        tokens, positions, n_ref = m.embed_cond(cond.ref_latents, cond.motion_latents)
+        dev = next(m.parameters()).device
+        text = m.embed_text(cond.context.to(dev))
+        tokens, positions, n_ref = m.embed_cond(cond.ref_latents.to(dev), cond.motion_latents.to(dev))
         _, e6_zero = m.time_modulation(torch.zeros(1, device=tokens.device))
         cache = CondCache(positions=positions, num_ref_tokens=n_ref)
         m.prefill_layers(tokens, e6_zero, positions, m.text_kv(text), cache)
@@ -108,6 +109,8 @@ class Stream:
     def forward(self, x, step: int, audio_input, cond_states, start: int, relative_dist: int | None = None):
         """One model call: block latent x [16, F, h, w] at denoising step `step` -> velocity (float32)."""
         m, cfg = self.model, self.cfg
+        dev = next(m.parameters()).device
+        x, audio_input, cond_states = x.to(dev), audio_input.to(dev), cond_states.to(dev)
         frames = x.shape[1]
         t = self.timesteps[step].expand(frames).to(x.device)
         e, e6 = m.time_modulation(t)
@@ -123,7 +126,7 @@ class Stream:
     @torch.no_grad()
     def sample_block(self, noise, audio_input, cond_states, on_step=None) -> torch.Tensor:
         """Denoise one block from its noise with the 4-step Euler sampler; returns the clean latent (float32)."""
-        x = noise.float()
+        x = noise.float().to(next(self.model.parameters()).device)
         start = self.next_start
         for i in range(self.cfg.num_steps):
             v = self.forward(x, i, audio_input, cond_states, start)
