@@ -136,7 +136,7 @@ def bench_format(cfg, fmt: str, whole_block: bool) -> dict:
 
         res["block_ms"] = cuda_time(one_block, warmup=1, repeat=3)
         res["peak_block_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
-    del stream, model
+    stream = model = None  # free before the next format
     torch.cuda.empty_cache()
     return res
 

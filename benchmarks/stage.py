@@ -95,7 +95,7 @@ def run_stage(cfg, layers, args, kv_name, kv_dtype, per_layer, groups) -> dict:
     shape = RunShape(h * 8, w * 8, 1 if kv_name == "fp8" else 2)
     mem = stage_memory(cfg, shape, layers, 1, per_layer, groups, first, args.stage == args.stages - 1, 4)
     planned = sum(v for k, v in mem.items() if k != "cuda_context") * FRAGMENTATION
-    del model, kvs, cond
+    model = kvs = cond = None  # free before the next run
     return {"stage": args.stage, "stages": args.stages, "layers": f"{layers[0]}-{layers[-1]}", "format": args.format,
             "kv": kv_name, "block_ms_4_steps": round(ms, 1), "peak_GiB": round(peak / GiB, 2),
             "planned_GiB": round(planned / GiB, 2), "error_pct": 100 * (planned - peak) / peak,

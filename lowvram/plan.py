@@ -11,7 +11,6 @@ stages stay busy and throughput scales with the stage count; tensor parallelism 
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 
 import torch

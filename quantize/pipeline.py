@@ -41,8 +41,8 @@ from .calibrate import CheckpointSource, Observer, host_state_estimate, run_traj
 from .formats import DEFAULT_ALPHAS, QUANT_FORMATS, LinearPlan, analyze_linear, build_module, choose_keep_bf16, rel_err
 from .io import TMP_MARK, atomic_write_json, atomic_write_text, file_sha256, header_fingerprint, read_safetensors, \
     write_safetensors
-from .layout import NONBLOCK, block_file, check_tp, input_group, layer_prefixes, split_state
-from .loader import FORMAT_NAME, FORMAT_VERSION, MANIFEST, QuantizedSource, read_manifest
+from .layout import NONBLOCK, block_file, check_tp, input_group, split_state
+from .loader import FORMAT_NAME, FORMAT_VERSION, MANIFEST, QuantizedSource
 from .stats import Recorder, quantizable_linears
 
 PROGRESS = "progress.json"

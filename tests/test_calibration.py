@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lowvram.calibration import (
-    CalibSample, check_samples, load_calibration, load_clip_set, load_samples, make_clip_set, samples_digest,
+    check_samples, load_calibration, load_clip_set, load_samples, make_clip_set, samples_digest,
     samples_from_clips, save_samples, synthetic_samples,
 )
 from lowvram.errors import InputError

@@ -70,7 +70,7 @@ def test_quantize_swaps_linears_by_recipe():
 @pytest.mark.parametrize("fmt", ["bf16", "fp8", "int8", "int4"])
 def test_fused_qkv_gives_the_same_output(fmt):
     from lowvram.model.config import tiny
-    from lowvram.model.dit import Attention, LiveAvatarDiT, fuse_qkv_
+    from lowvram.model.dit import LiveAvatarDiT, fuse_qkv_
 
     torch.manual_seed(0)
     model = LiveAvatarDiT(tiny())

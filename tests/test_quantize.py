@@ -25,7 +25,7 @@ from lowvram.kernels import linear as K
 from lowvram.model.config import tiny
 from lowvram.model.sampler import Conditioning, ShiftDraws, Stream
 from lowvram.quantize import NaiveInt8Linear, QuantStream, load_quantized, read_manifest, reshard
-from lowvram.quantize.calibrate import CheckpointSource, ModuleSource, run_trajectory
+from lowvram.quantize.calibrate import CheckpointSource, run_trajectory
 from lowvram.quantize.io import write_safetensors
 from lowvram.synthetic import write_checkpoint, write_lora
 

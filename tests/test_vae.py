@@ -13,8 +13,7 @@ from safetensors.torch import load_file
 
 from fixtures import reference_dir
 from lowvram.conditioning.vae import (
-    SingleGpuClipDecoder, Tiling, VAEConfig, WanVAE, convert_wan_vae_key, convert_wan_vae_state_dict,
-    load_wan_vae, upstream_keys, vae_memory_bytes,
+    SingleGpuClipDecoder, Tiling, VAEConfig, convert_wan_vae_key, load_wan_vae, upstream_keys, vae_memory_bytes,
 )
 from lowvram.errors import CheckpointError, InputError
 
