@@ -323,8 +323,9 @@ def _bench_worker(rank: int, world: int, out_queue, spec) -> None:
     """Pipeline/tensor-parallel rank body: the real worker, then its peak memory into $LOWVRAM_BENCH_MEM_DIR."""
     from lowvram.parallel import worker
 
+    real = getattr(worker, "_real_run_worker", worker.run_worker)  # spawned ranks import the module unpatched
     try:
-        worker.run_worker(rank, world, out_queue, spec)
+        real(rank, world, out_queue, spec)
     finally:
         _dump_memory(f"rank{rank}", worker.device_for(spec, rank))
 
@@ -363,7 +364,11 @@ def child_main(job_path: Path) -> int:
     if hooked:
         rt.make_progress = lambda opts, total: clock
     if hasattr(worker_mod, "run_worker"):
-        worker_mod.run_worker = _bench_worker  # spawned ranks import this module fresh and run the real worker
+        # by its importable name (this file may be running as __main__), so spawned ranks can unpickle it
+        from lowvram.benchmarks.bench import _bench_worker as bench_worker
+
+        worker_mod._real_run_worker = worker_mod.run_worker
+        worker_mod.run_worker = bench_worker
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             torch.cuda.reset_peak_memory_stats(i)

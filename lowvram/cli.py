@@ -213,6 +213,42 @@ def demo(
     run_demo(out, device)
 
 
+@app.command()
+def bench(
+    baseline: str = typer.Option(..., "--baseline", help="The reference: the bf16 checkpoint folder (DIR or "
+                                                         "DIR::OPTIONS, as for --candidate)."),
+    candidate: list[str] = typer.Option(..., "--candidate", help="Repeat. A folder `lowvram run` accepts, optionally "
+                                                                 "with run options after '::', e.g. OUT_INT8, "
+                                                                 "'CKPT::--kv=fp8', 'OUT_FP8::--tp 2 --label fp8-tp2'. "
+                                                                 "Options: --kv, --tp, --pp, --gpus, --lora, --no-lora, "
+                                                                 "--ckpt-dir, --t5-device, --label."),
+    clips: Path = typer.Option(..., "--clips", help="Clip set folder with clips.json (`lowvram calib make`)."),
+    out: Path = typer.Option(..., "--out", help="Report folder; finished runs found in it are reused."),
+    device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
+    size: str = typer.Option("704*384", "--size", help="Area budget W*H, the same for every configuration."),
+    seconds: Optional[float] = typer.Option(5.0, "--seconds", help="Seconds of video per clip (0: whole clips)."),
+    seed: int = typer.Option(0, "--seed", help="Noise and reference-shift seed, the same for every run."),
+    rerun: bool = typer.Option(False, "--rerun", help="Run everything again instead of reusing finished runs."),
+    fid: str = typer.Option("auto", "--fid", help="auto (when the Inception weights are here), on, off."),
+    sync: str = typer.Option("auto", "--sync", help="Sync-C/Sync-D: auto (when SyncNet weights are here), on, off."),
+    fid_weights: Optional[Path] = typer.Option(None, "--fid-weights", help="pt_inception-2015-12-05-6726825d.pth."),
+    syncnet_weights: Optional[Path] = typer.Option(None, "--syncnet-weights", help="syncnet_v2.model."),
+) -> None:
+    """Run baseline and candidates on the same clips and seeds; write report.html, report.md and results.json.
+
+    Measures time to first frame, s/block, fps, peak GPU memory per rank, host RAM; PSNR/SSIM per frame, latent
+    error, FID, Sync-C/Sync-D (with local weights) and a lip-sync proxy that needs no downloads.
+    """
+    from lowvram.benchmarks.bench import BenchOptions, run_bench
+
+    results = run_bench(BenchOptions(baseline=baseline, candidates=candidate, clips=clips, out=out, device=device,
+                                     size=size, seconds=seconds or None, seed=seed, rerun=rerun, fid=fid, sync=sync,
+                                     fid_weights=fid_weights, syncnet_weights=syncnet_weights))
+    failed = sum(r["runs_failed"] for r in results["summary"]["rows"])
+    print(f"wrote {out / 'report.html'}, {out / 'report.md'}, {out / 'results.json'}"
+          + (f" ({failed} runs failed; see the report)" if failed else ""))
+
+
 def main() -> None:
     """Console entry point: a LowvramError prints one line (no traceback) and sets the exit code."""
     try:

@@ -109,12 +109,26 @@ def pick_device(opts: RunOptions) -> str:
     return opts.device
 
 
+def check_gpu_supports(comps: Components) -> None:
+    """fp8 needs fp8 tensor cores (sm_89+: RTX 40xx, L4/L40, H100); elsewhere it would only be emulated."""
+    uses_fp8 = comps.fmt == "fp8" or any(f == "fp8" for f in (comps.recipe or {}).values())
+    if not uses_fp8:
+        return
+    for i in range(torch.cuda.device_count()):
+        major, minor = torch.cuda.get_device_capability(i)
+        if (major, minor) < (8, 9):
+            name = torch.cuda.get_device_name(i)
+            raise InputError(f"{comps.dit} is fp8, but GPU {i} ({name}, sm_{major}{minor}) has no fp8 tensor cores; "
+                             f"quantize with --format int8 (fast on Ampere) or int4 instead")
+
+
 def choose_layout(opts: RunOptions, comps: Components, device: str, latent_hw) -> tuple[int, int, bool]:
     """(tp, pp, kv_offload): the user's override, or the planner's fastest layout that fits; refuse before loading."""
     from lowvram.plan import RunShape, plan_layouts
 
     if device == "cpu":
         return opts.tp or 1, opts.pp or 1, bool(opts.extra.get("kv_offload"))
+    check_gpu_supports(comps)
     count = torch.cuda.device_count()
     gib = torch.cuda.get_device_properties(0).total_memory / 1024**3
     gpus = opts.gpus or f"{count}x{int(gib)}"
@@ -128,12 +142,19 @@ def choose_layout(opts: RunOptions, comps: Components, device: str, latent_hw) -
         if match and not fitting:
             raise DoesNotFitError(f"tp {tp} x pp {pp} needs {match[0].peak_bytes / 1024**3:.1f} GiB per GPU, "
                                   f"more than {gpus}; run `lowvram plan` for a layout that fits")
+        opts.extra["vae_gpu"] = vae_gpu(fitting[0]) if fitting else 0
         return tp, pp, bool(fitting and fitting[0].mode == "offload")
     best = next((l for l in layouts if l.fits), None)
     if best is None:
         raise DoesNotFitError(f"no layout fits {gpus} GiB at {opts.size}; run `lowvram plan {comps.dit} "
                               f"--gpus {gpus}` to see what would (fp8 KV, int4, a smaller size, more GPUs)")
+    opts.extra["vae_gpu"] = vae_gpu(best)
     return best.tp, best.pp, best.mode == "offload"
+
+
+def vae_gpu(layout) -> int:
+    """The GPU the planner put the VAE decoder on (the least loaded one)."""
+    return next((i for i, m in enumerate(layout.per_gpu_bytes) if "vae_decode" in m), 0)
 
 
 def prepare_conditioning(opts: RunOptions, comps: Components, device: str):
@@ -248,7 +269,8 @@ def run_under_torchrun(opts: RunOptions, comps: Components, device: str) -> dict
     model = load_stage(spec, topo, device_for(spec, rank))
     sink = None
     if topo.last and topo.tp_rank == 0:
-        sink = BlockSink(comps.vae, motion, opts.output, opts.audio, "cpu" if device == "cpu" else "cuda",
+        sink = BlockSink(comps.vae, motion, opts.output, opts.audio,
+                     "cpu" if device == "cpu" else f"cuda:{opts.extra.get('vae_gpu', 0)}",
                          inputs.num_blocks, opts.latents, make_progress(opts, inputs.num_blocks))
     try:
         StageRunner(model, topo, inputs, kv_dtype=torch.float8_e4m3fn if opts.kv == "fp8" else None,
@@ -290,7 +312,8 @@ def run(opts: RunOptions) -> dict:
     if device == "cuda":
         torch.cuda.empty_cache()
     progress = make_progress(opts, inputs.num_blocks)
-    sink = BlockSink(comps.vae, motion, opts.output, opts.audio, "cpu" if device == "cpu" else "cuda",
+    sink = BlockSink(comps.vae, motion, opts.output, opts.audio,
+                     "cpu" if device == "cpu" else f"cuda:{opts.extra.get('vae_gpu', 0)}",
                      inputs.num_blocks, opts.latents, progress)
     try:
         with tempfile.TemporaryDirectory(prefix="lowvram-run-") as tmp:

@@ -55,6 +55,8 @@ def test_pipeline_workers_give_the_same_latents(tiny_ckpt, single_run):
     assert r.returncode == 0, r.stderr
     a, b = load_file(single_run / "a.safetensors"), load_file(single_run / "b.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-4
+    info = read_video_info(single_run / "b.mp4")
+    assert info.num_frames == 33 and info.audio_codec == "aac"
 
 
 @pytest.mark.parametrize("change,needle", [
