@@ -330,10 +330,18 @@ def _bench_worker(rank: int, world: int, out_queue, spec) -> None:
         _dump_memory(f"rank{rank}", worker.device_for(spec, rank))
 
 
-def _rss_peak_bytes(who=None) -> int:
+def _rss_peak_bytes() -> int:
+    """Peak resident set of this process image: VmHWM (reset at exec, unlike ru_maxrss, which keeps the parent's
+    size from before the fork of a spawned child)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
-    return resource.getrusage(who if who is not None else resource.RUSAGE_SELF).ru_maxrss * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _dump_memory(name: str, device) -> None:
@@ -350,8 +358,6 @@ def _dump_memory(name: str, device) -> None:
 
 
 def child_main(job_path: Path) -> int:
-    import resource
-
     import torch
 
     import lowvram.parallel.worker as worker_mod
@@ -413,8 +419,7 @@ def child_main(job_path: Path) -> int:
               "host_note": "launcher peak RSS plus each rank's peak RSS (an upper bound: the peaks may not coincide)"
               if workers else "peak RSS of the run's process",
               "ranks": ranks, "gpu_alloc_peak_gib": max(gpu_alloc) if gpu_alloc else None,
-              "gpu_reserved_peak_gib": max(gpu_res) if gpu_res else None,
-              "children_max_rss_gib": _rss_peak_bytes(resource.RUSAGE_CHILDREN) / GIB}
+              "gpu_reserved_peak_gib": max(gpu_res) if gpu_res else None}
     times, frames = clock.times, clock.frames
     speed = {"wall_s": wall, "run_s": summary.get("seconds"), "fps_overall": summary.get("fps"),
              "blocks": summary.get("blocks"), "frames": summary.get("frames"), "block_times_s": times,

@@ -28,6 +28,7 @@ from lowvram.model.sampler import Conditioning, Stream
 
 PROFILE = False
 FUSE_QKV = True
+STATIC_ACT = False
 LAT_HW = (88, 48)  # 704x384 pixels
 FRAMES = 3
 
@@ -95,6 +96,26 @@ def block_inputs(cfg, b: int = 0):
             torch.zeros(1, 16, FRAMES, h, w, device="cuda"))
 
 
+def calibrate_static_scales(model, forward) -> None:
+    """What `lowvram quantize --act static` stores: one activation scale per fp8 Linear (amax / 448), measured on
+    a calibration forward, so the per-token amax pass disappears from every GEMM input."""
+    from lowvram.kernels.linear import FP8_MAX, Fp8Linear
+
+    amax, hooks = {}, []
+    for name, mod in model.named_modules():
+        if isinstance(mod, Fp8Linear):
+            def hook(m, args, name=name):
+                amax[name] = torch.maximum(amax.get(name, torch.zeros((), device="cuda")), args[0].abs().amax().float())
+            hooks.append(mod.register_forward_pre_hook(hook))
+    with torch.compiler.set_stance("force_eager"):  # hooks must not leak into the compiled graphs
+        forward()
+    for h in hooks:
+        h.remove()
+    for name, mod in model.named_modules():
+        if name in amax:
+            mod.act_scale = (amax[name] / FP8_MAX).clamp(min=1e-12)
+
+
 def compile_blocks():
     compile_model()
 
@@ -110,6 +131,9 @@ def bench_format(cfg, fmt: str, whole_block: bool) -> dict:
     steady = cfg.blocks_per_clip * stream.block_tokens  # the ring buffer is full from here on
     keys_steady = cfg.blocks_per_clip * stream.block_tokens + stream.cond.positions.shape[0]
     res = {"format": fmt, "weights_GB": round(weights_gb, 2), "build_s": round(time.time() - t0, 1)}
+    if fmt == "fp8" and STATIC_ACT:
+        calibrate_static_scales(model, lambda: stream.forward(x, 0, audio, pose, 0, 10))
+        res["act"] = "static"
     res["first_ms"] = cuda_time(lambda: stream.forward(x, 0, audio, pose, 0, 10))
     res["steady_ms"] = cuda_time(lambda: stream.forward(x, 0, audio, pose, steady, 10))
     res["peak_forward_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
@@ -208,8 +232,11 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one steady forward")
     ap.add_argument("--no-fuse", action="store_true", help="keep q, k, v as three GEMMs")
+    ap.add_argument("--act", choices=["dynamic", "static"], default="dynamic",
+                    help="fp8 activation scales: per-token dynamic, or one calibrated scale per layer")
     args = ap.parse_args(argv)
-    global PROFILE, FUSE_QKV
+    global PROFILE, FUSE_QKV, STATIC_ACT
+    STATIC_ACT = args.act == "static"
     PROFILE = args.profile
     FUSE_QKV = not args.no_fuse
     if not torch.cuda.is_available():

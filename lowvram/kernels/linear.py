@@ -120,7 +120,9 @@ class Fp8Linear(QuantLinear):
         super().__init__(in_features, out_features, bias, device, dtype)
         self.register_buffer("weight", torch.empty(out_features, in_features, device=device, dtype=FP8))
         self.register_buffer("weight_scale", torch.empty(out_features, device=device, dtype=torch.float32))
-        self.act_scale: torch.Tensor | None = None  # static activation scale (calibrated); None = dynamic
+        # Static activation scale (calibrated); None = per-token dynamic. A non-persistent buffer, so compiled
+        # graphs take it as an input instead of specialising (and recompiling) on each layer's value.
+        self.register_buffer("act_scale", None, persistent=False)
 
     def quantize_input(self, x2):
         if self.act_scale is None:
