@@ -396,7 +396,8 @@ def load_inception(weights: Path, device: str = "cpu"):
     """The feature network with its weights; torchvision's ImageNet file (fc of 1000 classes) gets its own variant."""
     sd = _load_state_dict(Path(weights), "InceptionV3")
     fc = sd.get("fc.weight")
-    fid_variant = not (fc is not None and fc.shape[0] == 1000)
+    # torchvision's ImageNet file: 1000 classes and the auxiliary head; the FID file: 1008 classes, no aux head
+    fid_variant = not ((fc is not None and fc.shape[0] == 1000) or "AuxLogits.fc.weight" in sd)
     model = build_inception(fid=fid_variant)
     _load_into(model, sd, Path(weights), "InceptionV3", strip=("module.",))
     model.variant = "fid" if fid_variant else "torchvision"

@@ -24,14 +24,11 @@ import torch
 from lowvram.errors import InputError
 from lowvram.kernels.linear import INT4_GROUP
 from lowvram.model.config import DiTConfig
+from lowvram.parallel.tensor import module_role as tp_role  # one definition of the TP split
 
 NONBLOCK = "nonblock.safetensors"
 BLOCK_PREFIXES = ("blocks.", "audio_injector.")
 
-_ATTN = r"(?:blocks\.\d+\.(?:self_attn|cross_attn)|audio_injector\.injector\.\d+)"
-_COLUMN = re.compile(rf"^(?:{_ATTN}\.[qkv]|blocks\.\d+\.ffn\.0)$")
-_ROW = re.compile(rf"^(?:{_ATTN}\.o|blocks\.\d+\.ffn\.2)$")
-_NORM = re.compile(rf"^{_ATTN}\.norm_[qk]$")
 
 
 def block_file(layer: int, tp_rank: int = 0, tp_size: int = 1) -> str:
@@ -69,16 +66,6 @@ def input_group(linear: str) -> str:
     if leaf in ("k", "v") and (owner.endswith("cross_attn") or ".injector." in f".{owner}."):
         return f"{owner}.kv"
     return linear
-
-
-def tp_role(module: str) -> str | None:
-    if _COLUMN.match(module):
-        return "column"
-    if _ROW.match(module):
-        return "row"
-    if _NORM.match(module):
-        return "norm"
-    return None
 
 
 def check_tp(cfg: DiTConfig, recipe: dict[str, str], tp_size: int) -> None:

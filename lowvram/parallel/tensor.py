@@ -14,27 +14,33 @@ import re
 import torch
 from torch import nn
 
-ATTN = r"(blocks\.\d+\.(self_attn|cross_attn)|audio_injector\.injector\.\d+)"
-COLUMN = re.compile(ATTN + r"\.(q|k|v)\.(weight|bias|weight_scale)$|" + ATTN + r"\.norm_(q|k)\.weight$|"
-                    r"blocks\.\d+\.ffn\.0\.(weight|bias|weight_scale|weight_offset)$|"
-                    + ATTN + r"\.(q|k|v)\.weight_offset$")
-ROW = re.compile(ATTN + r"\.o\.(weight|weight_offset)$|blocks\.\d+\.ffn\.2\.(weight|weight_offset)$|"
-                 + ATTN + r"\.o\.smooth$|blocks\.\d+\.ffn\.2\.smooth$")
-ROW_SCALE_GROUPED = re.compile(ATTN + r"\.o\.weight_scale$|blocks\.\d+\.ffn\.2\.weight_scale$")
-ROW_BIAS = re.compile(ATTN + r"\.o\.bias$|blocks\.\d+\.ffn\.2\.bias$")
+_ATTN = r"(?:blocks\.\d+\.(?:self_attn|cross_attn)|audio_injector\.injector\.\d+)"
+_COLUMN = re.compile(rf"^(?:{_ATTN}\.[qkv]|blocks\.\d+\.ffn\.0)$")
+_ROW = re.compile(rf"^(?:{_ATTN}\.o|blocks\.\d+\.ffn\.2)$")
+_NORM = re.compile(rf"^{_ATTN}\.norm_[qk]$")
+_PER_TENSOR = ("act_scale", "act_scales")  # static fp8 activation scales: one per layer (and step)
+
+
+def module_role(module: str) -> str | None:
+    """'column', 'row', 'norm' (q/k RMSNorm, split like q/k) or None (replicated) for a module name."""
+    if _COLUMN.match(module):
+        return "column"
+    if _ROW.match(module):
+        return "row"
+    if _NORM.match(module):
+        return "norm"
+    return None
 
 
 def split_kind(key: str) -> str:
     """'column' (dim 0), 'row' (dim 1, or dim 0 of a 1-D smooth vector), 'row_bias', 'row_scale' or 'replicated'."""
-    if COLUMN.search(key):
+    module, _, tensor = key.rpartition(".")
+    role = module_role(module)
+    if role is None or tensor in _PER_TENSOR:
+        return "replicated"
+    if role in ("column", "norm"):
         return "column"
-    if ROW.search(key):
-        return "row"
-    if ROW_BIAS.search(key):
-        return "row_bias"
-    if ROW_SCALE_GROUPED.search(key):
-        return "row_scale"
-    return "replicated"
+    return {"bias": "row_bias", "weight_scale": "row_scale"}.get(tensor, "row")
 
 
 def shard_bounds(n: int, rank: int, tp: int, key: str) -> tuple[int, int]:
