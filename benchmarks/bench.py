@@ -207,7 +207,7 @@ def load_clips(folder: Path, out: Path) -> list[BenchClip]:
     """The clip set (clips.json, as `lowvram calib make` writes it); segments are cut to REPORT/inputs/."""
     from lowvram.calibration.clips import load_clip_set
 
-    cs = load_clip_set(folder, check_media=False)
+    cs = load_clip_set(folder, check_media=True)
     clips, names = [], set()
     for c in cs.clips:
         name = slug(c.name)
@@ -389,7 +389,7 @@ def child_main(job_path: Path) -> int:
     try:
         summary = rt.run(opts)
         rec["status"] = "done"
-    except BaseException as err:  # noqa: BLE001 - recorded for the report
+    except BaseException as err:
         rec.update(status="failed", error=f"{type(err).__name__}: {str(err)[:400]}")
         Path(job["result"]).write_text(json.dumps(rec, indent=1))
         raise
@@ -438,8 +438,7 @@ def child_main(job_path: Path) -> int:
     gpu_names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] \
         if torch.cuda.is_available() else []
     rec.update(summary=summary, speed=speed, memory=memory,
-               env={"torch": torch.__version__, "gpus": gpu_names, "cpu_threads": torch.get_num_threads(),
-                    "hostname_hash": hashlib.sha256(os.uname().nodename.encode()).hexdigest()[:8]})
+               env={"torch": torch.__version__, "gpus": gpu_names, "cpu_threads": torch.get_num_threads()})
     Path(job["result"]).write_text(json.dumps(rec, indent=1))
     return 0
 
@@ -463,7 +462,7 @@ class BenchOptions:
     sync: str = "auto"  # the same, for SyncNet's Sync-C / Sync-D
     fid_weights: Path | None = None
     syncnet_weights: Path | None = None
-    metrics_device: str = "cpu"
+    metrics_device: str | None = None  # where Inception / SyncNet run; default: cuda when the runs use a GPU
     strip_points: int = 3
     progress: bool = True
     notes: list[str] = field(default_factory=list)
@@ -498,6 +497,10 @@ def run_bench(opts: BenchOptions) -> dict:
     # weights are looked up before hours of runs, so a missing file with --fid on / --sync on fails at once
     fid_weights = _optional_weights(opts.fid, "fid", opts.fid_weights)
     sync_weights = _optional_weights(opts.sync, "sync", opts.syncnet_weights)
+    if opts.metrics_device is None:
+        import torch
+
+        opts.metrics_device = "cuda" if opts.device != "cpu" and torch.cuda.is_available() else "cpu"
 
     runs: dict[str, dict[str, dict]] = {c.label: {} for c in configs}
     total, k = len(configs) * len(clips), 0
@@ -580,6 +583,7 @@ def _finite(v):
 def measure(opts: BenchOptions, configs: list[Config], clips: list[BenchClip], runs: dict, out: Path,
             fid_weights: dict, sync_weights: dict) -> dict:
     from lowvram.benchmarks import metrics as M
+
     from lowvram.media import decode_frames
 
     base_cfg = configs[0]
@@ -701,7 +705,9 @@ def metric_notes(face_models: bool, sync_weights: dict, fid_weights: dict) -> di
                   "envelope at the best offset within +-15 frames (positive: the mouth lags the audio). The mouth "
                   "opening is the face-mesh mouth aspect ratio when a face is found"
                   + ("" if face_models else " (face models not installed here)")
-                  + ", else the darkness inside a fixed mouth box; each run's 'source' says which"),
+                  + ", else the darkness inside a fixed mouth box; each run's 'source' says which. 'chance r' is what "
+                    "the best offset reaches with the audio's timing destroyed (circularly shifted): an r near it is "
+                    "no evidence of sync (random-weight models sit there)"),
     }
 
 
@@ -826,8 +832,10 @@ def summarize(results: dict) -> dict:
         rows.append(row)
     cols = [{"key": k, "label": lab, "group": g, "delta": d} for k, lab, g, _, d in SUMMARY_COLUMNS]
     return {"columns": cols, "rows": rows,
-            "note": "speed: mean over clips; memory: max over clips; PSNR/SSIM: mean over all frames of all clips; "
-                    "latent error, Sync and proxy: mean over clips; Δ: candidate vs baseline"}
+            "note": "first frame: seconds from the start of the run (conditioning, model load, first block) to its "
+                    "frames in the mp4; s/block and fps: steady state after the first block; speed: mean over clips; "
+                    "memory: max over clips; PSNR/SSIM: mean over all frames of all clips; latent error, Sync and "
+                    "proxy: mean over clips; Δ: candidate vs baseline"}
 
 
 def _options_text(cfg: dict) -> str:

@@ -214,8 +214,7 @@ def _load_into(model, sd: dict, path: Path, what: str, strip: tuple[str, ...] = 
     clean = {}
     for k, v in sd.items():
         for prefix in strip:
-            if k.startswith(prefix):
-                k = k[len(prefix):]
+            k = k.removeprefix(prefix)
         clean[k] = v
     own = model.state_dict()
     missing = [k for k in own if k not in clean and not k.endswith("num_batches_tracked")]
@@ -525,6 +524,22 @@ def best_offset(mouth: np.ndarray, envelope: np.ndarray, max_shift: int = VSHIFT
             "curve": {"offsets": list(curve), "corr": [curve[s] for s in curve]}}
 
 
+def chance_corr(mouth: np.ndarray, envelope: np.ndarray, max_shift: int = VSHIFT, tries: int = 16) -> float:
+    """What the best-offset correlation reaches by chance: its median over circular rotations of the envelope
+    (same spectrum, timing destroyed). A best-offset r near this value means no evidence of lip sync."""
+    n = min(len(mouth), len(envelope))
+    e = np.asarray(envelope, dtype=np.float64)[:n]
+    lo, hi = max(1, n // 4), max(1, n - n // 4)
+    shifts = sorted({int(v) for v in np.linspace(lo, hi, tries)})
+    best = []
+    for r in shifts:
+        try:
+            best.append(best_offset(mouth[:n], np.roll(e, r), max_shift=max_shift)["corr"])
+        except ValueError:
+            continue
+    return float(np.median(best)) if best else 0.0
+
+
 # =====================================================================================================
 # faces: BlazeFace detection and the 468-point face mesh (MediaPipe models shipped inside a PyPI wheel), LiteRT
 
@@ -785,6 +800,7 @@ def lip_sync_proxy(frames: np.ndarray, audio: np.ndarray, reference: np.ndarray 
         signal = mouth_darkness(frames, roi)
         source = f"mouth-darkness ({how} box)"
     res = best_offset(signal, env, max_shift=max_shift)
+    res["chance_corr"] = chance_corr(signal, env, max_shift=max_shift)
     res.update(source=source, face_coverage=coverage, frames=n, mouth=signal.tolist(), envelope=env.tolist(),
                face_models=models is not None)
     return res

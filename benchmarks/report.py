@@ -124,18 +124,18 @@ def plot_memory(results: dict, path: Path) -> bool:
         ax = axes[0][0]
         names = sorted({n for r in per_config.values() for n in r})
         width = 0.8 / max(1, len(names))
+        colors = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c"]
         for j, name in enumerate(names):
             xs = [i + j * width for i in range(len(labels))]
             alloc = [per_config[lab].get(name, [0, 0])[0] for lab in labels]
             res = [per_config[lab].get(name, [0, 0])[1] for lab in labels]
-            ax.bar(xs, res, width, color="#c6d4e8", edgecolor="#4c72b0", label=f"{name} reserved" if j == 0 else None)
-            ax.bar(xs, alloc, width * 0.6, color="#4c72b0", label=f"allocated" if j == 0 else None)
-            for x, a in zip(xs, alloc):
-                ax.annotate(name.split()[0], (x, 0), ha="center", va="bottom", fontsize=6, rotation=90, color="white")
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))])
+            color = colors[j % len(colors)]
+            ax.bar(xs, res, width, color="none", edgecolor=color, hatch="//", label=f"{name} reserved")
+            ax.bar(xs, alloc, width, color=color, alpha=0.85, label=f"{name} allocated")
+        ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(labels))])
         ax.set_xticklabels(labels, rotation=20, ha="right")
         ax.set_ylabel("GiB")
-        ax.set_title("peak GPU memory per rank (bar: reserved, inner: allocated)")
+        ax.set_title("peak GPU memory per rank (solid: allocated, hatched: reserved)")
         ax.legend(fontsize=7)
     _bar(axes[0][-1], [r["config"] for r in rows], [r["host_ram_gib"] for r in rows], "peak host RAM", "GiB",
          "#8172b3")
@@ -228,7 +228,8 @@ def per_clip_rows(results: dict) -> list[dict]:
                 "PSNR (dB)": _r(q.get("psnr_mean")), "SSIM": _r(q.get("ssim_mean")),
                 "latent rel. err": _r(q.get("latent_rel_err")),
                 "Sync-C": _r(sn.get("sync_c")), "Sync-D": _r(sn.get("sync_d")),
-                "proxy r": _r(p.get("corr")), "proxy offset": p.get("offset"),
+                "proxy r": _r(p.get("corr")), "proxy chance r": _r(p.get("chance_corr")),
+                "proxy offset": p.get("offset"),
                 "proxy signal": p.get("source", p.get("reason", "-")),
             })
     return rows

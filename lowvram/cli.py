@@ -100,6 +100,8 @@ def run(
     seconds: Optional[float] = typer.Option(None, "--seconds", help="Stop after this many seconds of video."),
     latents: Optional[Path] = typer.Option(None, "--latents", help="Also save every block's clean latents here."),
     kv: str = typer.Option("bf16", "--kv", help="KV cache dtype: bf16 or fp8."),
+    t5_device: Optional[str] = typer.Option(None, "--t5-device", help="Where umT5 runs (default: GPU if ≥16 GB)."),
+    t5_quant: Optional[str] = typer.Option(None, "--t5-quant", help="umT5 on the GPU in int8 or nf4 (bitsandbytes)."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Generate a talking-avatar video: conditioning once, then the DiT streams blocks into the mp4."""
@@ -114,7 +116,8 @@ def run(
             raise InputError(f"{flag} {path}: no such file")
     summary = run_stream(RunOptions(model_dir=model_dir, image=image, audio=audio, prompt=prompt, output=output,
                                     ckpt_dir=ckpt_dir, lora=lora, size=size, seed=seed, device=device, gpus=gpus,
-                                    tp=tp, pp=pp, seconds=seconds, latents=latents, kv=kv, progress=not json_out))
+                                    tp=tp, pp=pp, seconds=seconds, latents=latents, kv=kv, t5_device=t5_device,
+                                    t5_quantization=t5_quant, progress=not json_out))
     if "output" not in summary:  # a torchrun rank that neither decodes nor writes
         return
     if json_out:
@@ -236,8 +239,7 @@ def bench(
 ) -> None:
     """Run baseline and candidates on the same clips and seeds; write report.html, report.md and results.json.
 
-    Measures time to first frame, s/block, fps, peak GPU memory per rank, host RAM; PSNR/SSIM per frame, latent
-    error, FID, Sync-C/Sync-D (with local weights) and a lip-sync proxy that needs no downloads.
+    Speed, memory per rank, and quality vs the baseline: PSNR/SSIM, latent error, FID, Sync-C/D, a lip-sync proxy.
     """
     from lowvram.benchmarks.bench import BenchOptions, run_bench
 

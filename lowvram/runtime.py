@@ -178,9 +178,10 @@ def prepare_conditioning(opts: RunOptions, comps: Components, device: str):
     ref = vae.encode_reference(pixels.to(device)).float().cpu()
     motion = vae.encode_motion(pixels.to(device)).float().cpu()
     del vae
-    encoder = TextEncoder(comps.t5, comps.tokenizer, device=opts.t5_device or "cpu",
-                          dtype=torch.bfloat16 if (opts.t5_device or "cpu") != "cpu" else torch.float32,
-                          quantization=opts.t5_quantization)
+    t5_device = opts.t5_device or default_t5_device(device)
+    small = comps.t5.stat().st_size < 2**30  # tiny test encoders run in float32; umT5-XXL in bf16 (11.4 GB)
+    encoder = TextEncoder(comps.t5, comps.tokenizer, device=t5_device,
+                          dtype=torch.float32 if small else torch.bfloat16, quantization=opts.t5_quantization)
     context = encoder.encode(opts.prompt).float().cpu()
     encoder.unload()
     if context.shape[-1] != comps.cfg.text_dim:
@@ -189,6 +190,13 @@ def prepare_conditioning(opts: RunOptions, comps: Components, device: str):
     inputs = StreamInputs(context=context, ref_latents=ref, motion_latents=motion, audio=audio, num_blocks=blocks,
                           seed=opts.seed, latent_hw=(h // 8, w // 8))
     return inputs, (h, w), motion
+
+
+def default_t5_device(device: str) -> str:
+    """umT5-XXL runs before the DiT loads and is freed: on the GPU when it has room for it (10.7 GiB bf16)."""
+    if device == "cuda" and torch.cuda.get_device_properties(0).total_memory >= 16 * 1024**3:
+        return "cuda"
+    return "cpu"
 
 
 class BlockSink:

@@ -9,8 +9,8 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-
 from lowvram.benchmarks.bench import parse_config
+
 from lowvram.demo import face_like_image, speech_like_wave, write_tiny_checkpoint
 from lowvram.errors import InputError
 
@@ -189,6 +189,31 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
                         "--out", str(shot), "--height", "2400"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert shot.stat().st_size > 50_000
+
+
+def test_report_with_gpu_ranks_and_syncnet(report, tmp_path):
+    """The CUDA-only parts of the report (per-rank GPU memory, Sync-C/D) from results as a GPU machine writes them."""
+    from lowvram.benchmarks.bench import summarize
+    from lowvram.benchmarks.report import write_report
+
+    out, _ = report
+    res = json.loads((out / "results.json").read_text())
+    for i, label in enumerate(("baseline", "fp8", "int8")):
+        for clip, run in res["runs"][label].items():
+            ranks = [{"name": f"rank{r}", "device": f"cuda:{r}", "host_gib": 1.0, "gpu_alloc_gib": 10.0 - i - r,
+                      "gpu_reserved_gib": 11.0 - i - r} for r in range(2)]
+            run["memory"].update(ranks=ranks, gpu_alloc_peak_gib=10.0 - i, gpu_reserved_peak_gib=11.0 - i)
+            res["sync"][label][clip]["syncnet"] = {"sync_c": 7.0 - i, "sync_d": 7.5 + i, "offset": 0, "frames": 33}
+    res["summary"] = summarize(res)
+    rows = {r["config"]: r for r in res["summary"]["rows"]}
+    assert rows["int8"]["gpu_alloc_gib"] == 8.0 and rows["int8"]["d_gpu_alloc_pct"] == -20.0
+    assert rows["fp8"]["sync_c"] == 6.0 and rows["fp8"]["d_sync_c"] == -1.0 and rows["int8"]["d_sync_d"] == 2.0
+    (tmp_path / "figures").mkdir()
+    for rel in [p for per in res["strips"].values() for p in per.values()]:
+        shutil.copy(out / rel, tmp_path / rel)
+    written = write_report(res, tmp_path)
+    assert (tmp_path / "figures" / "memory.png").is_file() and (tmp_path / "figures" / "sync.png").is_file()
+    assert "<td class='good' data-key='d_gpu_alloc_pct'>-20</td>" in written["html"].read_text()
 
 
 def test_candidate_syntax(tmp_path):

