@@ -160,7 +160,9 @@ def run_demo(out: Path, device: str = "cpu", console=None) -> dict:
     from lowvram.plan import plan_report
     from lowvram.runtime import RunOptions, run
 
-    console = console or Console()
+    import sys
+
+    console = console or Console(width=None if sys.stdout.isatty() else 160)
     out = Path(out)
     t0 = time.monotonic()
 
@@ -203,9 +205,25 @@ def run_demo(out: Path, device: str = "cpu", console=None) -> dict:
                              audio=clips / first["audio"], prompt=first["prompt"], output=video, size="128*128",
                              device=device, pp=2, seconds=1.0, progress=False))
     step(f"wrote {video} ({summary['frames']} frames, layout {summary['layout']}, {summary['seconds']} s)")
+    from lowvram.benchmarks.bench import BenchOptions, run_bench
+
+    report_dir = out / "report"
+    step("bench: bf16 baseline vs the fp8 and int8 folders on both clips (same seeds and reference shifts) …")
+    run_bench(BenchOptions(baseline=str(ckpt), candidates=[str(quantized["fp8"]), str(quantized["int8"])],
+                           clips=clips, out=report_dir, device=device, size="128*128", seconds=1.0, progress=False))
+    step(f"report: {report_dir / 'report.html'} (also report.md, results.json)")
     result = {"checkpoint": str(ckpt), "clips": str(clips), "videos": [str(video)],
-              "quantized": {k: str(v) for k, v in quantized.items()}}
-    console.print(f"\n[bold green]done in {time.monotonic() - t0:.0f} s.[/] Video: {video}")
-    console.print("With the real weights (see README): lowvram inspect Wan2.2-S2V-14B --lora liveavatar.safetensors; "
-                  "lowvram plan …; lowvram quantize …; lowvram run …; lowvram bench …")
+              "quantized": {k: str(v) for k, v in quantized.items()}, "report": str(report_dir / "report.html")}
+    console.print(f"\n[bold green]done in {time.monotonic() - t0:.0f} s.[/] Video: {video}\n"
+                  f"Report: {report_dir / 'report.html'}")
+    console.print("The same with the real weights (see README.md):\n"
+                  "  lowvram inspect  Wan2.2-S2V-14B --lora LiveAvatar/liveavatar.safetensors\n"
+                  "  lowvram plan     Wan2.2-S2V-14B --gpus 4x24 --format fp8\n"
+                  "  lowvram calib make --image me.jpg --audio me.wav --prompt \"...\" --out my-clips\n"
+                  "  lowvram quantize Wan2.2-S2V-14B --lora LiveAvatar/liveavatar.safetensors --calib my-clips "
+                  "--format fp8 --out q-fp8\n"
+                  "  lowvram run      q-fp8 --ckpt-dir Wan2.2-S2V-14B --image me.jpg --audio talk.wav "
+                  "--prompt \"...\" -o talk.mp4\n"
+                  "  lowvram bench    --baseline Wan2.2-S2V-14B --candidate q-fp8 --clips my-clips --out report/",
+                  markup=False, highlight=False)
     return result

