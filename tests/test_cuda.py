@@ -61,3 +61,17 @@ def test_float32_model_on_cuda_is_finite_and_close_to_cpu():
     gpu, _ = sample(False, blocks=2, device="cuda")
     assert torch.isfinite(gpu).all()
     assert (gpu - cpu).abs().max().item() < 1e-3
+
+
+def test_fp8_attention_kernel_is_close_to_exact():
+    from lowvram.kernels.attention import FP8, fp8_attention
+    from lowvram.model.dit import attention
+
+    torch.manual_seed(0)
+    q = torch.randn(200, 4, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(700, 4, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(700, 4, 128, device="cuda", dtype=torch.bfloat16)
+    exact = attention(q.float(), k.float(), v.float())
+    for parts in ([(k[:500], v[:500]), (k[500:], v[500:])], [(k[:500].to(FP8), v[:500].to(FP8)), (k[500:], v[500:])]):
+        out = fp8_attention(q, parts).float()
+        assert (out - exact).abs().mean().item() < 2e-3
