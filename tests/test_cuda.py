@@ -74,4 +74,5 @@ def test_fp8_attention_kernel_is_close_to_exact():
     exact = attention(q.float(), k.float(), v.float())
     for parts in ([(k[:500], v[:500]), (k[500:], v[500:])], [(k[:500].to(FP8), v[:500].to(FP8)), (k[500:], v[500:])]):
         out = fp8_attention(q, parts).float()
-        assert (out - exact).abs().mean().item() < 2e-3
+        rel = ((out - exact).norm() / exact.norm()).item()
+        assert rel < 0.05, rel  # fp8 scores: ~2-3 % relative error on random inputs (bf16 SDPA: ~0.3 %)
