@@ -29,7 +29,6 @@ from lowvram.model.sampler import Conditioning, Stream
 PROFILE = False
 FUSE_QKV = True
 STATIC_ACT = False
-COND_IN_CACHE = False
 LAT_HW = (88, 48)  # 704x384 pixels
 FRAMES = 3
 
@@ -127,7 +126,7 @@ def bench_format(cfg, fmt: str, whole_block: bool) -> dict:
     t0 = time.time()
     model = build_model(cfg, fmt)
     weights_gb = torch.cuda.memory_allocated() / 1e9
-    stream = Stream(model, conditioning(cfg), LAT_HW, cond_in_cache=COND_IN_CACHE)
+    stream = Stream(model, conditioning(cfg), LAT_HW)
     x, audio, pose = block_inputs(cfg)
     steady = cfg.blocks_per_clip * stream.block_tokens  # the ring buffer is full from here on
     keys_steady = cfg.blocks_per_clip * stream.block_tokens + stream.cond.positions.shape[0]
@@ -233,13 +232,10 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one steady forward")
     ap.add_argument("--no-fuse", action="store_true", help="keep q, k, v as three GEMMs")
-    ap.add_argument("--cond-in-cache", action="store_true",
-                    help="keep the conditioning keys in each step's cache buffer (one attention kernel per layer)")
     ap.add_argument("--act", choices=["dynamic", "static"], default="dynamic",
                     help="fp8 activation scales: per-token dynamic, or one calibrated scale per layer")
     args = ap.parse_args(argv)
-    global PROFILE, FUSE_QKV, STATIC_ACT, COND_IN_CACHE
-    COND_IN_CACHE = args.cond_in_cache
+    global PROFILE, FUSE_QKV, STATIC_ACT
     STATIC_ACT = args.act == "static"
     PROFILE = args.profile
     FUSE_QKV = not args.no_fuse

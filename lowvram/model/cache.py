@@ -35,49 +35,28 @@ class CondCache:
 
 
 class StepKV:
-    """One denoising step's noisy self-attention cache: a ring buffer of `capacity` tokens per layer.
+    """One denoising step's noisy self-attention cache: a ring buffer of `capacity` tokens per layer."""
 
-    With `cond_rows`, each layer's buffer also holds the conditioning keys/values in front of the ring, so
-    attention reads one contiguous [cond | ring] range instead of two segments (faster on the GPU, at the cost of
-    `cond_rows` more rows per layer and step).
-    """
-
-    def __init__(self, layers, capacity: int, heads: int, head_dim: int, dtype, device, cond_rows: int = 0):
+    def __init__(self, layers, capacity: int, heads: int, head_dim: int, dtype, device):
         self.capacity = capacity
         self.dtype = dtype
-        self.cond_rows = cond_rows
-        shape = (cond_rows + capacity, heads, head_dim)
+        shape = (capacity, heads, head_dim)
         self.k = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
         self.v = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
-        self.cond_v_written: set[int] = set()
-
-    def write_cond(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """This forward's roped conditioning keys (the reference position moves) and the fixed values."""
-        self.k[layer][: self.cond_rows] = k.to(self.dtype)
-        if layer not in self.cond_v_written:
-            self.v[layer][: self.cond_rows] = v.to(self.dtype)
-            self.cond_v_written.add(layer)
 
     def write_and_read(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
-        """Store this block's keys/values for absolute token offset `start`; return all valid rows
-        (with the conditioning rows in front when the buffer holds them)."""
+        """Store this block's keys/values for absolute token offset `start`; return all valid rows."""
         n = k.shape[0]
         if n > self.capacity:
             raise ValueError(f"block of {n} tokens does not fit a KV cache of {self.capacity}")
         pos = start % self.capacity
         if pos + n > self.capacity:
             raise ValueError("a block must not straddle the end of the KV ring buffer")
-        off = self.cond_rows
-        self.k[layer][off + pos : off + pos + n] = k.to(self.dtype)
-        self.v[layer][off + pos : off + pos + n] = v.to(self.dtype)
+        self.k[layer][pos : pos + n] = k.to(self.dtype)
+        self.v[layer][pos : pos + n] = v.to(self.dtype)
         valid = min(start + n, self.capacity)
-        first = 0 if layer in self.cond_v_written else off
         # An fp8 cache (--kv fp8) is stored at 1 byte per value and widened for the attention kernel.
-        return self.k[layer][first : off + valid].to(k.dtype), self.v[layer][first : off + valid].to(v.dtype)
-
-    def ring(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The noisy rows only (what the fixtures call the cache)."""
-        return self.k[layer][self.cond_rows :], self.v[layer][self.cond_rows :]
+        return self.k[layer][:valid].to(k.dtype), self.v[layer][:valid].to(v.dtype)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for d in (self.k, self.v) for t in d.values())

@@ -475,11 +475,8 @@ class LiveAvatarDiT(nn.Module):
             lc = cond.layers[i]
 
             def kv_fn(k_roped, v, k_raw, i=i, lc=lc):
-                cond_k = apply_rope(lc.cond_k, *cond_rope)
-                if getattr(kv, "cond_rows", 0):  # the buffer keeps [cond | ring] contiguous: one kernel
-                    kv.write_cond(i, cond_k, lc.cond_v)
-                    return [kv.write_and_read(i, inp.start, k_roped, v)]
                 k_cache, v_cache = kv.write_and_read(i, inp.start, k_roped, v)
+                cond_k = apply_rope(lc.cond_k, *cond_rope)
                 return [(k_cache, v_cache), (cond_k, lc.cond_v)]
 
             x = self.blocks[str(i)](tokens, e6, rope, kv_fn, lc.text_k, lc.text_v)

@@ -65,7 +65,7 @@ class Stream:
 
     def __init__(self, model: LiveAvatarDiT, cond: Conditioning, latent_hw: tuple[int, int],
                  draws: Callable[[int, int], int] | None = None, kv_dtype: torch.dtype | None = None,
-                 kv_offload: bool = False, cond_in_cache: bool = False):
+                 kv_offload: bool = False):
         self.model = model
         self.cfg = cfg = model.cfg
         self.latent_hw = latent_hw
@@ -77,7 +77,6 @@ class Stream:
         self.timesteps, self.sigmas = flow_schedule(cfg.num_steps, cfg.scheduler_shift)
         self.kv_dtype = kv_dtype or model.dtype
         self.kv: list[StepKV | None] = [None] * cfg.num_steps  # allocated on first use of each step
-        self.cond_in_cache = cond_in_cache
         if kv_offload:  # every step's cache in host RAM, streamed layer by layer
             from lowvram.model.offload import host_caches
 
@@ -103,9 +102,7 @@ class Stream:
             cfg = self.cfg
             device = next(self.model.parameters()).device
             capacity = cfg.blocks_per_clip * self.block_tokens
-            cond_rows = self.cond.positions.shape[0] if self.cond_in_cache else 0
-            self.kv[step] = StepKV(self.model.layer_ids, capacity, cfg.num_heads // self.model.tp, cfg.head_dim,
-                                   self.kv_dtype, device, cond_rows=cond_rows)
+            self.kv[step] = StepKV(self.model.layer_ids, capacity, cfg.num_heads, cfg.head_dim, self.kv_dtype, device)
         return self.kv[step]
 
     @torch.no_grad()
