@@ -210,7 +210,7 @@ def run_demo(out: Path, device: str = "cpu", console=None) -> dict:
     report_dir = out / "report"
     step("bench: bf16 baseline vs the fp8 and int8 folders on both clips (same seeds and reference shifts) …")
     run_bench(BenchOptions(baseline=str(ckpt), candidates=[str(quantized["fp8"]), str(quantized["int8"])],
-                           clips=clips, out=report_dir, device=device, size="128*128", seconds=1.0, progress=False))
+                           clips=clips, out=report_dir, device=device, size="128*128", seconds=1.0, progress=True))
     step(f"report: {report_dir / 'report.html'} (also report.md, results.json)")
     result = {"checkpoint": str(ckpt), "clips": str(clips), "videos": [str(video)],
               "quantized": {k: str(v) for k, v in quantized.items()}, "report": str(report_dir / "report.html")}

@@ -200,10 +200,15 @@ def default_t5_device(device: str) -> str:
 
 
 class BlockSink:
-    """Receives clean block latents (any order), decodes them in order and appends frames to the mp4."""
+    """Receives clean block latents (any order) and, on a background thread, decodes them in order and appends
+    the frames to the mp4 — so the VAE decode of block b overlaps the DiT's work on the next blocks (its own CUDA
+    stream on a GPU). A decode/write error is re-raised in the caller on the next put() or at close()."""
 
     def __init__(self, vae_path: Path, motion_latents, output: Path, audio: Path, device: str, num_blocks: int,
                  latents_path: Path | None, progress=None):
+        import queue
+        import threading
+
         from lowvram.conditioning.vae import WanVAE
         from lowvram.media import VideoWriter
 
@@ -212,35 +217,65 @@ class BlockSink:
         self.decoder.warmup(motion_latents.to(device))
         self.writer = VideoWriter(output, audio_path=audio)
         self.pending: dict[int, torch.Tensor] = {}
-        self.next_block = 0
+        self.next_in = 0  # next block to hand to the decoder thread
+        self.next_block = 0  # blocks written to the mp4
         self.num_blocks = num_blocks
         self.latents_path = latents_path
         self.kept: dict[str, torch.Tensor] = {}
         self.progress = progress
         self.t0 = time.monotonic()
         self.first_frame_s: float | None = None
+        self.error: BaseException | None = None
+        self.stream = torch.cuda.Stream(self.vae.device) if self.vae.device.type == "cuda" else None
+        self.queue: queue.Queue = queue.Queue(maxsize=8)
+        self.thread = threading.Thread(target=self._decode_loop, name="lowvram-vae-decode", daemon=True)
+        self.thread.start()
 
     def put(self, block: int, latent: torch.Tensor) -> None:
+        if self.error is not None:
+            raise self.error
         self.pending[block] = latent
-        while self.next_block in self.pending:
-            x = self.pending.pop(self.next_block)
+        while self.next_in in self.pending:
+            x = self.pending.pop(self.next_in)
             if self.latents_path is not None:
-                self.kept[f"block_{self.next_block:05d}"] = x.contiguous()
-            frames = self.decoder.decode_block(x[None].to(self.vae.device))
-            video = ((frames[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0)
-            self.writer.write(video.cpu().numpy())
-            if self.first_frame_s is None:
-                self.first_frame_s = time.monotonic() - self.t0
-            self.next_block += 1
-            if self.progress is not None:
-                self.progress(self.next_block, self.num_blocks, self.writer.frames_written)
+                self.kept[f"block_{self.next_in:05d}"] = x.contiguous()
+            self.queue.put(x)
+            self.next_in += 1
 
-    def close(self) -> None:
+    def _decode_loop(self) -> None:
+        while (x := self.queue.get()) is not None:
+            if self.error is not None:
+                continue  # drain after a failure; the caller sees the error
+            try:
+                if self.stream is not None:
+                    with torch.cuda.stream(self.stream):
+                        self._decode_and_write(x)
+                else:
+                    self._decode_and_write(x)
+            except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
+                self.error = err
+
+    def _decode_and_write(self, x: torch.Tensor) -> None:
+        frames = self.decoder.decode_block(x[None].to(self.vae.device))
+        video = ((frames[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0)
+        self.writer.write(video.cpu().numpy())
+        if self.first_frame_s is None:
+            self.first_frame_s = time.monotonic() - self.t0
+        self.next_block += 1
+        if self.progress is not None:
+            self.progress(self.next_block, self.num_blocks, self.writer.frames_written)
+
+    def close(self, raise_error: bool = True) -> None:
+        """Finish the queued blocks, close the mp4 (playable even after an error), save the latents."""
+        self.queue.put(None)
+        self.thread.join()
         self.writer.close()
         if self.latents_path is not None and self.kept:
             from safetensors.torch import save_file
 
             save_file(self.kept, str(self.latents_path))
+        if self.error is not None and raise_error:
+            raise self.error
 
 
 def run_under_torchrun(opts: RunOptions, comps: Components, device: str) -> dict:
@@ -341,8 +376,12 @@ def run(opts: RunOptions) -> dict:
                 backend = "nccl" if device == "cuda" else "gloo"
                 spawn(run_worker, (spec,), tp * pp, backend,
                       lambda kind, rank, p: sink.put(p[0], torch.from_numpy(p[1])))
-    finally:
+    except BaseException:
+        sink.close(raise_error=False)  # keep what was written playable; report the original failure
+        raise
+    else:
         sink.close()
+    finally:
         if progress is not None:
             progress.close()
     elapsed = time.monotonic() - t_start

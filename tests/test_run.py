@@ -85,3 +85,19 @@ def test_external_torchrun_gives_the_same_latents(tiny_ckpt, single_run):
     a, c = load_file(single_run / "a.safetensors"), load_file(single_run / "c.safetensors")
     assert max((a[k] - c[k]).abs().max().item() for k in a) <= 1e-4
     assert read_video_info(single_run / "c.mp4").num_frames == 33
+
+
+def test_a_rank_killed_mid_run_leaves_a_playable_mp4(tiny_ckpt, tmp_path):
+    import os
+
+    root, lora = tiny_ckpt
+    out = tmp_path / "killed.mp4"
+    env = dict(os.environ, LOWVRAM_TEST_KILL_RANK="1:9")  # rank 1 dies one item into block 2 (blocks 0, 1 done)
+    args = [a for a in run_args(root, lora, out, "--pp", "2") if a != "--json"]
+    r = subprocess.run([sys.executable, "-m", "lowvram.cli", *map(str, args)], capture_output=True, text=True,
+                       timeout=240, env=env)
+    assert r.returncode == 4, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: rank 1 died (killed by SIGKILL)") and "Traceback" not in r.stderr
+    info = read_video_info(out)
+    assert info.num_frames == 9 + 12 and info.audio_codec == "aac"  # blocks 0 and 1 were decoded and kept
