@@ -12,7 +12,6 @@ import json
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks.fullsize import cuda_time
 from lowvram.kernels.attention import FP8, fp8_attention

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lowvram.checkpoint import file_sha256
 from lowvram.errors import InputError
 
 RESULTS_FORMAT = "lowvram-bench"
@@ -183,14 +184,6 @@ class BenchClip:
     digest: str
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_wav(path: Path, wave_f32: np.ndarray, rate: int) -> None:
     import wave
 
@@ -224,7 +217,7 @@ def load_clips(folder: Path, out: Path) -> list[BenchClip]:
             b = len(wav) if c.duration_s is None else a + int(round(c.duration_s * rate))
             audio = out / "inputs" / f"{name}.wav"
             _write_wav(audio, wav[a:b], rate)
-        digest = hashlib.sha256(json.dumps([_sha256_file(Path(c.image)), _sha256_file(audio), c.prompt]).encode())
+        digest = hashlib.sha256(json.dumps([file_sha256(Path(c.image)), file_sha256(audio), c.prompt]).encode())
         clips.append(BenchClip(name, str(Path(c.image).resolve()), str(audio.resolve()), c.prompt,
                                digest.hexdigest()))
     return clips

@@ -22,6 +22,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from lowvram.checkpoint import file_sha256
 from lowvram.errors import InputError
 
 MANIFEST = "clips.json"
@@ -65,7 +66,7 @@ class ClipSet:
             h.update(json.dumps(clip.to_json(self.folder), sort_keys=True).encode())
             for path in (clip.image, clip.audio):
                 if path not in seen:
-                    seen[path] = _sha256(path)
+                    seen[path] = file_sha256(path)
                 h.update(seen[path].encode())
         return h.hexdigest()
 
@@ -75,14 +76,6 @@ def _rel(path: Path, folder: Path) -> str:
         return str(Path(path).resolve().relative_to(Path(folder).resolve()))
     except ValueError:
         return str(Path(path).resolve())
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _bad(folder: Path, i: int, name: str, what: str) -> InputError:
@@ -237,8 +230,8 @@ def make_clip_set(out: str | Path, images: list[str | Path], audios: list[str | 
         if not copy:
             return path.resolve()
         dest = out / path.name
-        if dest.exists() and dest.resolve() != path.resolve() and _sha256(dest) != _sha256(path):
-            dest = out / f"{path.stem}_{_sha256(path)[:8]}{path.suffix}"
+        if dest.exists() and dest.resolve() != path.resolve() and file_sha256(dest) != file_sha256(path):
+            dest = out / f"{path.stem}_{file_sha256(path)[:8]}{path.suffix}"
         if not dest.exists():
             shutil.copyfile(path, dest)
         return dest

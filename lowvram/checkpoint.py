@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -105,6 +106,18 @@ class Header:
 
 def _redownload(path: Path) -> str:
     return f"re-download {path.name}"
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    """sha256 of a whole file, read in chunks (hex)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_header(path: str | Path) -> Header:

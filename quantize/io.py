@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from lowvram.checkpoint import DTYPE_NAMES, read_header
+from lowvram.checkpoint import DTYPE_NAMES, file_sha256, read_header  # noqa: F401 (re-exported)
 from lowvram.errors import CheckpointError
 
 TMP_MARK = ".tmp-"
@@ -106,17 +106,6 @@ def atomic_write_json(path: str | Path, obj) -> tuple[str, int]:
 
 def atomic_write_text(path: str | Path, text: str) -> tuple[str, int]:
     return atomic_write_bytes(path, [text.encode()])
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_safetensors(path: str | Path, expected_sha256: str | None = None, device: torch.device | str = "cpu",
