@@ -102,6 +102,9 @@ def run(
     kv: str = typer.Option("bf16", "--kv", help="KV cache dtype: bf16 or fp8."),
     t5_device: Optional[str] = typer.Option(None, "--t5-device", help="Where umT5 runs (default: GPU if ≥16 GB)."),
     t5_quant: Optional[str] = typer.Option(None, "--t5-quant", help="umT5 on the GPU in int8 or nf4 (bitsandbytes)."),
+    keep_reference: bool = typer.Option(False, "--keep-reference", help="Keep the image's latent as the reference "
+                                        "for the whole stream (upstream single-GPU); default: the first generated "
+                                        "frame replaces it after clip 0 (upstream multi-GPU)."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Generate a talking-avatar video: conditioning once, then the DiT streams blocks into the mp4."""
@@ -117,7 +120,8 @@ def run(
     summary = run_stream(RunOptions(model_dir=model_dir, image=image, audio=audio, prompt=prompt, output=output,
                                     ckpt_dir=ckpt_dir, lora=lora, size=size, seed=seed, device=device, gpus=gpus,
                                     tp=tp, pp=pp, seconds=seconds, latents=latents, kv=kv, t5_device=t5_device,
-                                    t5_quantization=t5_quant, progress=not json_out))
+                                    t5_quantization=t5_quant, ref_update=not keep_reference,
+                                    progress=not json_out))
     if "output" not in summary:  # a torchrun rank that neither decodes nor writes
         return
     if json_out:

@@ -50,6 +50,7 @@ class RunOptions:
     kv: str = "bf16"
     t5_device: str | None = None
     t5_quantization: str | None = None
+    ref_update: bool = True  # upstream multi-GPU: the first generated frame becomes the reference after clip 0
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -317,7 +318,7 @@ def run_under_torchrun(opts: RunOptions, comps: Components, device: str) -> dict
                          inputs.num_blocks, opts.latents, make_progress(opts, inputs.num_blocks))
     try:
         StageRunner(model, topo, inputs, kv_dtype=torch.float8_e4m3fn if opts.kv == "fp8" else None,
-                    on_latent=sink.put if sink else None).run()
+                    on_latent=sink.put if sink else None, ref_update=opts.ref_update).run()
     finally:
         if sink is not None:
             sink.close()
@@ -364,11 +365,13 @@ def run(opts: RunOptions) -> dict:
                               inputs_path=str(Path(tmp) / "inputs.pt"), device=device,
                               dtype="float32" if device == "cpu" else "bfloat16",
                               kv_dtype="fp8" if opts.kv == "fp8" else None,
-                              lora=str(comps.lora) if comps.lora else None, quantized=comps.quantized)
+                              lora=str(comps.lora) if comps.lora else None, quantized=comps.quantized,
+                              ref_update=opts.ref_update)
             torch.save(inputs, spec.inputs_path)
             if tp * pp == 1:
                 model = load_stage(spec, Topology(), torch.device(device))
                 StageRunner(model, Topology(), inputs, on_latent=sink.put, kv_offload=kv_offload,
+                            ref_update=opts.ref_update,
                             kv_dtype=torch.float8_e4m3fn if opts.kv == "fp8" else None).run()
             else:
                 from lowvram.parallel.launch import spawn

@@ -39,15 +39,13 @@ def stream_inputs(tmp_path_factory):
     return inputs, path
 
 
-@pytest.fixture(scope="module")
-def reference_latents(stream_inputs):
+def sequential(inputs, ref_update: bool):
     """The sequential single-process sampler (the parity-tested path) with the engine's noise and draws."""
-    inputs, _ = stream_inputs
     cfg = fixture_cfg()
     model = LiveAvatarDiT(cfg)
     model.load_state_dict(load_file(FIXTURE / "weights.safetensors"))
     stream = Stream(model, Conditioning(inputs.context, inputs.ref_latents, inputs.motion_latents), inputs.latent_hw,
-                    draws=ShiftDraws(cfg, seed=inputs.seed))
+                    draws=ShiftDraws(cfg, seed=inputs.seed), ref_update=ref_update)
     out = []
     f = cfg.frames_per_block
     for b in range(BLOCKS):
@@ -58,16 +56,38 @@ def reference_latents(stream_inputs):
     return torch.stack(out)
 
 
+@pytest.fixture(scope="module")
+def reference_latents(stream_inputs):
+    return sequential(stream_inputs[0], ref_update=False)
+
+
+@pytest.fixture(scope="module")
+def swapped_reference_latents(stream_inputs):
+    """Upstream multi-GPU behaviour: after clip 0 the first generated frame is the new reference."""
+    return sequential(stream_inputs[0], ref_update=True)
+
+
+def test_reference_swap_changes_only_the_blocks_after_clip_0(reference_latents, swapped_reference_latents):
+    clip = fixture_cfg().blocks_per_clip
+    assert torch.equal(reference_latents[:clip], swapped_reference_latents[:clip])
+    assert (reference_latents[clip:] - swapped_reference_latents[clip:]).abs().max() > 1e-3
+
+
 def test_wavefront_schedule_respects_dependencies():
     for pp in (1, 2, 3, 4):
-        order = wavefront_schedule(5, 4, pp)
+        order = wavefront_schedule(9, 4, pp, clip_blocks=4)
         pos = {item: i for i, item in enumerate(order)}
-        assert len(order) == 20
+        assert len(order) == 36
         for (b, s), i in pos.items():
+            clip_start = b // 4 * 4
+            chunk_start = clip_start + (b - clip_start) // pp * pp
+            chunk = min(pp, min(clip_start + 4, 9) - chunk_start)
             if s > 0:
-                assert i - pos[(b, s - 1)] >= min(pp, 5 - (b // pp) * pp)  # the previous step has left the pipe
+                assert i - pos[(b, s - 1)] >= chunk  # the previous step has left the pipe
             if b > 0:
                 assert pos[(b - 1, s)] < i  # the step cache already holds the previous block
+            if b >= 4:  # clip 1 starts only after every item of clip 0 (the reference may change in between)
+                assert all(pos[(c, t)] < i for c in range(clip_start) for t in range(4))
 
 
 def test_single_rank_engine_equals_the_sequential_sampler(stream_inputs, reference_latents):
@@ -79,19 +99,26 @@ def test_single_rank_engine_equals_the_sequential_sampler(stream_inputs, referen
     assert torch.equal(torch.stack([got[b] for b in range(BLOCKS)]), reference_latents)
 
 
-def run_layout(tp, pp, inputs_path, world=None):
+def run_layout(tp, pp, inputs_path, ref_update=True):
     cfg = fixture_cfg()
     spec = WorkerSpec(source=str(FIXTURE / "weights.safetensors"), cfg=cfg.to_dict(), tp=tp, pp=pp,
-                      stages=stage_layers(cfg, pp), inputs_path=str(inputs_path), dtype="float32")
+                      stages=stage_layers(cfg, pp), inputs_path=str(inputs_path), dtype="float32",
+                      ref_update=ref_update)
     got = {}
     spawn(run_worker, (spec,), tp * pp, "gloo", lambda kind, rank, p: got.__setitem__(p[0], torch.from_numpy(p[1])))
     return torch.stack([got[b] for b in range(BLOCKS)])
 
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2), (1, 4)])
-def test_layouts_match_the_single_process_reference(tp, pp, stream_inputs, reference_latents):
+def test_layouts_match_the_single_process_reference(tp, pp, stream_inputs, swapped_reference_latents):
+    """Every layout, with the reference swap after clip 0 (the runtime's default), equals the sequential stream."""
     latents = run_layout(tp, pp, stream_inputs[1])
-    err = (latents - reference_latents).abs().max().item()
+    err = (latents - swapped_reference_latents).abs().max().item()
+    assert err <= 1e-4, err
+
+
+def test_layout_without_the_swap_matches_too(stream_inputs, reference_latents):
+    err = (run_layout(1, 2, stream_inputs[1], ref_update=False) - reference_latents).abs().max().item()
     assert err <= 1e-4, err
 
 

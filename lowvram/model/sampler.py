@@ -65,7 +65,7 @@ class Stream:
 
     def __init__(self, model: LiveAvatarDiT, cond: Conditioning, latent_hw: tuple[int, int],
                  draws: Callable[[int, int], int] | None = None, kv_dtype: torch.dtype | None = None,
-                 kv_offload: bool = False):
+                 kv_offload: bool = False, ref_update: bool = False):
         self.model = model
         self.cfg = cfg = model.cfg
         self.latent_hw = latent_hw
@@ -83,8 +83,13 @@ class Stream:
             device = next(model.parameters()).device
             self.kv = host_caches(model.layer_ids, cfg.num_steps, cfg.blocks_per_clip * self.block_tokens,
                                   cfg.num_heads // model.tp, cfg.head_dim, self.kv_dtype, device)
+        self.conditioning = cond
         self.cond = self.prefill(cond)
         self.next_start = 0
+        # Upstream's multi-GPU pipeline (TPP) swaps the reference for the first generated latent frame after
+        # clip 0 and re-runs the prefill; its single-GPU default (the fixtures) keeps the image's latent.
+        self.ref_update = ref_update
+        self.first_frame: torch.Tensor | None = None
 
     @torch.no_grad()
     def prefill(self, cond: Conditioning) -> CondCache:
@@ -128,10 +133,16 @@ class Stream:
         """Denoise one block from its noise with the 4-step Euler sampler; returns the clean latent (float32)."""
         x = noise.float().to(next(self.model.parameters()).device)
         start = self.next_start
+        clip_tokens = self.cfg.blocks_per_clip * self.block_tokens
+        if self.ref_update and start == clip_tokens:
+            c = self.conditioning
+            self.cond = self.prefill(Conditioning(c.context, self.first_frame, c.motion_latents))
         for i in range(self.cfg.num_steps):
             v = self.forward(x, i, audio_input, cond_states, start)
             x = x + (self.sigmas[i + 1] - self.sigmas[i]) * v
             if on_step is not None:
                 on_step(i, v, x)
+        if start == 0:
+            self.first_frame = x[None, :, :1].clone()
         self.next_start += self.block_tokens
         return x

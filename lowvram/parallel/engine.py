@@ -26,12 +26,16 @@ from lowvram.model.dit import BlockInputs, LiveAvatarDiT
 from lowvram.model.sampler import ShiftDraws, flow_schedule, reference_shift
 
 
-def wavefront_schedule(num_blocks: int, steps: int, pp: int) -> list[tuple[int, int]]:
-    """(block, step) items in the order every stage processes them."""
+def wavefront_schedule(num_blocks: int, steps: int, pp: int, clip_blocks: int | None = None) -> list[tuple[int, int]]:
+    """(block, step) items in the order every stage processes them. Chunks never straddle a clip boundary, so a
+    stage has finished every item of clip r before it starts clip r+1 (where the reference may change)."""
+    clip_blocks = clip_blocks or num_blocks
     order = []
-    for first in range(0, num_blocks, pp):
-        chunk = range(first, min(first + pp, num_blocks))
-        order += [(b, s) for s in range(steps) for b in chunk]
+    for clip_start in range(0, num_blocks, clip_blocks):
+        clip_end = min(clip_start + clip_blocks, num_blocks)
+        for first in range(clip_start, clip_end, pp):
+            chunk = range(first, min(first + pp, clip_end))
+            order += [(b, s) for s in range(steps) for b in chunk]
     return order
 
 
@@ -138,7 +142,8 @@ class StageRunner:
     """Runs this rank's part of a stream: the pipelined prefill, then every (block, step) item."""
 
     def __init__(self, model: LiveAvatarDiT, topo: Topology, inputs: StreamInputs, kv_dtype=None,
-                 on_latent: Callable[[int, torch.Tensor], None] | None = None, kv_offload: bool = False):
+                 on_latent: Callable[[int, torch.Tensor], None] | None = None, kv_offload: bool = False,
+                 ref_update: bool = False):
         self.model, self.topo, self.inputs = model, topo, inputs
         self.cfg = cfg = model.cfg
         self.device = next(model.parameters()).device
@@ -164,6 +169,10 @@ class StageRunner:
         self.on_latent = on_latent
         self.latents: dict[int, torch.Tensor] = {}  # (block) -> latent waiting for its next step (pp == 1)
         self.kill_after: int | None = None  # tests: die abruptly after this many items
+        # Upstream's multi-GPU pipeline swaps the reference for the first generated latent frame after clip 0
+        # and re-runs the conditioning prefill (its single-GPU default keeps the image's latent).
+        self.ref_update = ref_update
+        self.first_frame: torch.Tensor | None = None
         # calibrated static fp8 activation scales are per denoising step (and one for the prefill)
         self.per_step_scales = any(getattr(mod, "act_scales", None) is not None for mod in model.modules())
         self.noise: dict[int, torch.Tensor] = {}
@@ -189,15 +198,24 @@ class StageRunner:
 
             set_act_step(self.model, step)
 
+    def new_reference(self) -> torch.Tensor:
+        """The first latent frame of clip 0, [1, C, 1, h, w], on every rank (the last stage computed it)."""
+        h, w = self.inputs.latent_hw
+        ref = self.first_frame
+        if self.topo.world > 1:
+            if ref is None:
+                ref = torch.empty(1, self.cfg.in_dim, 1, h, w, device=self.device)
+            dist.broadcast(ref, src=(self.topo.pp - 1) * self.topo.tp)  # last stage, TP rank 0
+        return ref
+
     @torch.no_grad()
-    def prefill(self) -> CondCache:
+    def prefill(self, ref_latents: torch.Tensor | None = None) -> CondCache:
         m, topo, cfg = self.model, self.topo, self.cfg
         self.select_step(cfg.num_steps)  # the prefill's scales sit after the steps'
-
         if topo.first:
             text = m.embed_text(self.inputs.context.to(self.device))
-            tokens, positions, n_ref = m.embed_cond(self.inputs.ref_latents.to(self.device),
-                                                     self.inputs.motion_latents.to(self.device))
+            ref = self.inputs.ref_latents if ref_latents is None else ref_latents
+            tokens, positions, n_ref = m.embed_cond(ref.to(self.device), self.inputs.motion_latents.to(self.device))
             _, e6_zero = m.time_modulation(torch.zeros(1, device=self.device))
             meta = torch.tensor([tokens.shape[0], n_ref], dtype=torch.int64, device=self.device)
         else:
@@ -227,9 +245,12 @@ class StageRunner:
     def run(self) -> None:
         cond = self.prefill()
         m, topo, cfg = self.model, self.topo, self.cfg
-        for n, (b, s) in enumerate(wavefront_schedule(self.inputs.num_blocks, cfg.num_steps, topo.pp)):
+        schedule = wavefront_schedule(self.inputs.num_blocks, cfg.num_steps, topo.pp, cfg.blocks_per_clip)
+        for n, (b, s) in enumerate(schedule):
             if self.kill_after is not None and n >= self.kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if self.ref_update and (b, s) == (cfg.blocks_per_clip, 0):
+                cond = self.prefill(self.new_reference())
             start = b * self.block_tokens
             if topo.first:
                 if s == 0:
@@ -258,6 +279,8 @@ class StageRunner:
                 continue
             v = m.head_out(tokens, e, (cfg.frames_per_block, *self.grid))
             x = x + (self.sigmas[s + 1] - self.sigmas[s]) * v
+            if (b, s) == (0, cfg.num_steps - 1):
+                self.first_frame = x[None, :, :1].contiguous()
             if s < cfg.num_steps - 1:
                 if topo.pp == 1:
                     self.latents[b] = x

@@ -27,6 +27,7 @@ class WorkerSpec:
     kv_dtype: str | None = None
     lora: str | None = None
     quantized: bool = False
+    ref_update: bool = False  # swap the reference after clip 0 (upstream's multi-GPU behaviour)
 
 
 def load_stage(spec: WorkerSpec, topo, device):
@@ -57,7 +58,7 @@ def run_worker(rank: int, world: int, out_queue, spec: WorkerSpec) -> None:
     kill = os.environ.get("LOWVRAM_TEST_KILL_RANK")  # "rank:item" — fault-injection hook for the tests
     on_latent = lambda b, x: out_queue.put(("latent", rank, (b, x.numpy())))
     runner = StageRunner(model, topo, inputs, kv_dtype=DTYPES[spec.kv_dtype] if spec.kv_dtype else None,
-                         on_latent=on_latent)
+                         on_latent=on_latent, ref_update=spec.ref_update)
     if kill and int(kill.split(":")[0]) == rank:
         runner.kill_after = int(kill.split(":")[1])
     runner.run()
