@@ -279,6 +279,19 @@ class BlockSink:
             raise self.error
 
 
+def worker_spec(opts: RunOptions, comps: Components, tp: int, pp: int, device: str, inputs_path: str):
+    """What every rank needs to build its slice and run (the same for spawned workers and torchrun ranks)."""
+    from lowvram.parallel.stage import stage_layers
+    from lowvram.parallel.worker import WorkerSpec
+
+    fmt = comps.fmt if comps.fmt in ("fp8", "int8", "int4") else "bf16"
+    return WorkerSpec(source=str(comps.dit), cfg=comps.cfg.to_dict(), tp=tp, pp=pp,
+                      stages=stage_layers(comps.cfg, pp, fmt, comps.recipe), inputs_path=inputs_path, device=device,
+                      dtype="float32" if device == "cpu" else "bfloat16",
+                      kv_dtype="fp8" if opts.kv == "fp8" else None, lora=str(comps.lora) if comps.lora else None,
+                      quantized=comps.quantized, ref_update=opts.ref_update)
+
+
 def run_under_torchrun(opts: RunOptions, comps: Components, device: str) -> dict:
     """Launched by an external `torchrun` (one process per rank, any number of nodes): rank 0 computes the
     conditioning and broadcasts it; the last stage's TP rank 0 decodes and writes the mp4."""
@@ -288,8 +301,7 @@ def run_under_torchrun(opts: RunOptions, comps: Components, device: str) -> dict
 
     from lowvram.parallel.engine import StageRunner, make_topology
     from lowvram.parallel.launch import init_distributed, shutdown_distributed
-    from lowvram.parallel.stage import stage_layers
-    from lowvram.parallel.worker import WorkerSpec, device_for, load_stage
+    from lowvram.parallel.worker import device_for, load_stage
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     init_distributed(rank, world, "nccl" if device == "cuda" else "gloo")
@@ -303,12 +315,7 @@ def run_under_torchrun(opts: RunOptions, comps: Components, device: str) -> dict
         box[0] = prepare_conditioning(opts, comps, device)
     dist.broadcast_object_list(box, src=0)
     inputs, _, motion = box[0]
-    fmt = comps.fmt if comps.fmt in ("fp8", "int8", "int4") else "bf16"
-    spec = WorkerSpec(source=str(comps.dit), cfg=comps.cfg.to_dict(), tp=tp, pp=pp,
-                      stages=stage_layers(comps.cfg, pp, fmt, comps.recipe), inputs_path="", device=device,
-                      dtype="float32" if device == "cpu" else "bfloat16",
-                      kv_dtype="fp8" if opts.kv == "fp8" else None,
-                      lora=str(comps.lora) if comps.lora else None, quantized=comps.quantized)
+    spec = worker_spec(opts, comps, tp, pp, device, inputs_path="")
     topo = make_topology(tp, pp)
     model = load_stage(spec, topo, device_for(spec, rank))
     sink = None
@@ -336,8 +343,7 @@ def run_under_torchrun(opts: RunOptions, comps: Components, device: str) -> dict
 def run(opts: RunOptions) -> dict:
     """The whole run; returns a summary (blocks, frames, seconds, layout, time to first frame)."""
     from lowvram.parallel.engine import StageRunner, Topology
-    from lowvram.parallel.stage import stage_layers
-    from lowvram.parallel.worker import WorkerSpec, load_stage, run_worker
+    from lowvram.parallel.worker import load_stage, run_worker
 
     from lowvram.parallel.launch import under_torchrun
 
@@ -352,7 +358,6 @@ def run(opts: RunOptions) -> dict:
     tp, pp, kv_offload = choose_layout(opts, comps, device, (h // 8, w // 8))
     t_start = time.monotonic()
     inputs, _, motion = prepare_conditioning(opts, comps, device)
-    stages = stage_layers(comps.cfg, pp, comps.fmt if comps.fmt in ("fp8", "int8", "int4") else "bf16", comps.recipe)
     if device == "cuda":
         torch.cuda.empty_cache()
     progress = make_progress(opts, inputs.num_blocks)
@@ -361,12 +366,7 @@ def run(opts: RunOptions) -> dict:
                      inputs.num_blocks, opts.latents, progress)
     try:
         with tempfile.TemporaryDirectory(prefix="lowvram-run-") as tmp:
-            spec = WorkerSpec(source=str(comps.dit), cfg=comps.cfg.to_dict(), tp=tp, pp=pp, stages=stages,
-                              inputs_path=str(Path(tmp) / "inputs.pt"), device=device,
-                              dtype="float32" if device == "cpu" else "bfloat16",
-                              kv_dtype="fp8" if opts.kv == "fp8" else None,
-                              lora=str(comps.lora) if comps.lora else None, quantized=comps.quantized,
-                              ref_update=opts.ref_update)
+            spec = worker_spec(opts, comps, tp, pp, device, inputs_path=str(Path(tmp) / "inputs.pt"))
             torch.save(inputs, spec.inputs_path)
             if tp * pp == 1:
                 model = load_stage(spec, Topology(), torch.device(device))
