@@ -146,7 +146,12 @@ def bench_format(cfg, fmt: str, whole_block: bool) -> dict:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             stream.forward(x, 0, audio, pose, steady, 10)
             torch.cuda.synchronize()
-        rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:16]
+        events = prof.key_averages()
+        busy = sum(e.self_device_time_total for e in events) / 1000
+        res["kernel_ms_per_forward"] = round(busy, 1)  # GPU busy time; the rest of steady_ms is launch gaps
+        print(f"  GPU busy {busy:.1f} ms in {sum(e.count for e in events if e.self_device_time_total > 0)} "
+              f"kernel launches", flush=True)
+        rows = sorted(events, key=lambda e: -e.device_time_total)[:16]
         for e in rows:
             print(f"  {e.device_time_total / 1000:8.2f} ms  {e.count:5d}x  {e.key[:90]}", flush=True)
     if whole_block:
