@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import shlex
 import statistics
@@ -38,7 +37,6 @@ from lowvram.errors import InputError
 RESULTS_FORMAT = "lowvram-bench"
 RESULTS_VERSION = 1
 GIB = 1024**3
-MEM_DIR_ENV = "LOWVRAM_BENCH_MEM_DIR"
 RUN_OPTION_KEYS = {"kv": str, "tp": int, "pp": int, "gpus": str, "lora": str, "ckpt-dir": str, "t5-device": str,
                    "label": str}
 FLAGS = {"no-lora"}
@@ -274,16 +272,11 @@ def launch_run(job: dict, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in ("run.json", "video.mp4", "latents.safetensors"):
         (run_dir / name).unlink(missing_ok=True)
-    mem_dir = run_dir / "mem"
-    mem_dir.mkdir(exist_ok=True)
-    for p in mem_dir.glob("*.json"):
-        p.unlink()
     job_path = run_dir / "job.json"
     job_path.write_text(json.dumps(job, indent=1))
-    env = dict(os.environ, **{MEM_DIR_ENV: str(mem_dir)})
     with open(run_dir / "log.txt", "w") as log:
         proc = subprocess.run([sys.executable, "-m", "lowvram.benchmarks.bench", "--child", str(job_path)],
-                              stdout=log, stderr=subprocess.STDOUT, env=env)
+                              stdout=log, stderr=subprocess.STDOUT)
     try:
         rec = json.loads((run_dir / "run.json").read_text())
     except (OSError, ValueError):
@@ -296,78 +289,14 @@ def launch_run(job: dict, run_dir: Path) -> dict:
 # ----- inside the child process ---------------------------------------------------------------------
 
 
-class _BlockClock:
-    """Stands in for runtime's progress display: the time and frame count when each block reaches the mp4."""
-
-    def __init__(self, t0: float):
-        self.t0 = t0
-        self.times: list[float] = []
-        self.frames: list[int] = []
-
-    def __call__(self, done: int, total: int, frames: int) -> None:
-        self.times.append(time.monotonic() - self.t0)
-        self.frames.append(int(frames))
-
-    def close(self) -> None:
-        pass
-
-
-def _bench_worker(rank: int, world: int, out_queue, spec) -> None:
-    """Pipeline/tensor-parallel rank body: the real worker, then its peak memory into $LOWVRAM_BENCH_MEM_DIR."""
-    from lowvram.parallel import worker
-
-    real = getattr(worker, "_real_run_worker", worker.run_worker)  # spawned ranks import the module unpatched
-    try:
-        real(rank, world, out_queue, spec)
-    finally:
-        _dump_memory(f"rank{rank}", worker.device_for(spec, rank))
-
-
-def _rss_peak_bytes() -> int:
-    """Peak resident set of this process image: VmHWM (reset at exec, unlike ru_maxrss, which keeps the parent's
-    size from before the fork of a spawned child)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _dump_memory(name: str, device) -> None:
-    import torch
-
-    folder = os.environ.get(MEM_DIR_ENV)
-    if not folder:
-        return
-    rec = {"name": name, "device": str(device), "host_bytes": _rss_peak_bytes()}
-    if getattr(device, "type", str(device)) == "cuda" and torch.cuda.is_available():
-        rec["gpu_alloc_bytes"] = torch.cuda.max_memory_allocated(device)
-        rec["gpu_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
-    Path(folder, f"{name}.json").write_text(json.dumps(rec))
-
-
 def child_main(job_path: Path) -> int:
     import torch
 
-    import lowvram.parallel.worker as worker_mod
     import lowvram.runtime as rt
+    from lowvram.parallel.launch import peak_rss_bytes
 
     job = json.loads(Path(job_path).read_text())
     t_start = time.monotonic()
-    clock = _BlockClock(t_start)
-    hooked = hasattr(rt, "make_progress")
-    if hooked:
-        rt.make_progress = lambda opts, total: clock
-    if hasattr(worker_mod, "run_worker"):
-        # by its importable name (this file may be running as __main__), so spawned ranks can unpickle it
-        from lowvram.benchmarks.bench import _bench_worker as bench_worker
-
-        worker_mod._real_run_worker = worker_mod.run_worker
-        worker_mod.run_worker = bench_worker
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             torch.cuda.reset_peak_memory_stats(i)
@@ -394,17 +323,15 @@ def child_main(job_path: Path) -> int:
             if r > 0:
                 ranks.append({"name": "launcher", "device": f"cuda:{i}", "gpu_alloc_gib": a / GIB,
                               "gpu_reserved_gib": r / GIB})
-    launcher_host = _rss_peak_bytes()
-    mem_dir = os.environ.get(MEM_DIR_ENV)
+    launcher_host = peak_rss_bytes()
     workers = []
-    if mem_dir:
-        for p in sorted(Path(mem_dir).glob("rank*.json"), key=lambda q: int(re.sub(r"\D", "", q.stem) or 0)):
-            w = json.loads(p.read_text())
+    spawned = (summary.get("layout") or "tp1xpp1").split("-")[0] != "tp1xpp1"
+    for rank, w in sorted((summary.get("ranks") or {}).items(), key=lambda kv: int(kv[0])):
+        if spawned:  # a separate process: its own host peak (in-process, the launcher's RSS already has it)
             workers.append(w)
-            ranks.append({"name": w["name"], "device": w["device"], "host_gib": w["host_bytes"] / GIB,
-                          "gpu_alloc_gib": w.get("gpu_alloc_bytes", 0) / GIB if "gpu_alloc_bytes" in w else None,
-                          "gpu_reserved_gib": w.get("gpu_reserved_bytes", 0) / GIB
-                          if "gpu_reserved_bytes" in w else None})
+        ranks.append({"name": f"rank{rank}", "device": w["device"], "host_gib": w["host_bytes"] / GIB,
+                      "gpu_alloc_gib": w["gpu_alloc_bytes"] / GIB if "gpu_alloc_bytes" in w else None,
+                      "gpu_reserved_gib": w["gpu_reserved_bytes"] / GIB if "gpu_reserved_bytes" in w else None})
     gpu_alloc = [r["gpu_alloc_gib"] for r in ranks if r.get("gpu_alloc_gib") is not None]
     gpu_res = [r["gpu_reserved_gib"] for r in ranks if r.get("gpu_reserved_gib") is not None]
     memory = {"host_launcher_gib": launcher_host / GIB,
@@ -413,7 +340,7 @@ def child_main(job_path: Path) -> int:
               if workers else "peak RSS of the run's process",
               "ranks": ranks, "gpu_alloc_peak_gib": max(gpu_alloc) if gpu_alloc else None,
               "gpu_reserved_peak_gib": max(gpu_res) if gpu_res else None}
-    times, frames = clock.times, clock.frames
+    times, frames = summary.get("block_times_s") or [], summary.get("block_frames") or []
     speed = {"wall_s": wall, "run_s": summary.get("seconds"), "fps_overall": summary.get("fps"),
              "blocks": summary.get("blocks"), "frames": summary.get("frames"), "block_times_s": times,
              "block_frames": frames, "clock": "per-block" if times else "summary"}

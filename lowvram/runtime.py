@@ -226,6 +226,8 @@ class BlockSink:
         self.progress = progress
         self.t0 = time.monotonic()
         self.first_frame_s: float | None = None
+        self.block_times: list[float] = []  # seconds since t0 when each block reached the mp4
+        self.block_frames: list[int] = []  # frames in the mp4 at that moment
         self.error: BaseException | None = None
         self.stream = torch.cuda.Stream(self.vae.device) if self.vae.device.type == "cuda" else None
         self.queue: queue.Queue = queue.Queue(maxsize=8)
@@ -262,6 +264,8 @@ class BlockSink:
         self.writer.write(video.cpu().numpy())
         if self.first_frame_s is None:
             self.first_frame_s = time.monotonic() - self.t0
+        self.block_times.append(time.monotonic() - self.t0)
+        self.block_frames.append(self.writer.frames_written)
         self.next_block += 1
         if self.progress is not None:
             self.progress(self.next_block, self.num_blocks, self.writer.frames_written)
@@ -364,21 +368,33 @@ def run(opts: RunOptions) -> dict:
     sink = BlockSink(comps.vae, motion, opts.output, opts.audio,
                      "cpu" if device == "cpu" else f"cuda:{opts.extra.get('vae_gpu', 0)}",
                      inputs.num_blocks, opts.latents, progress)
+    sink.t0 = t_start  # block times count from the start of the run (conditioning included)
+    ranks: dict[int, dict] = {}
+
+    def on_message(kind, rank, payload):
+        if kind == "latent":
+            sink.put(payload[0], torch.from_numpy(payload[1]))
+        elif kind == "memory":
+            ranks[rank] = payload
     try:
         with tempfile.TemporaryDirectory(prefix="lowvram-run-") as tmp:
             spec = worker_spec(opts, comps, tp, pp, device, inputs_path=str(Path(tmp) / "inputs.pt"))
             torch.save(inputs, spec.inputs_path)
             if tp * pp == 1:
+                if device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()  # the DiT's peak, not the conditioning's
                 model = load_stage(spec, Topology(), torch.device(device))
                 StageRunner(model, Topology(), inputs, on_latent=sink.put, kv_offload=kv_offload,
                             ref_update=opts.ref_update,
                             kv_dtype=torch.float8_e4m3fn if opts.kv == "fp8" else None).run()
+                from lowvram.parallel.launch import peak_memory
+
+                ranks[0] = peak_memory(torch.device(device) if device == "cuda" else None)
             else:
                 from lowvram.parallel.launch import spawn
 
                 backend = "nccl" if device == "cuda" else "gloo"
-                spawn(run_worker, (spec,), tp * pp, backend,
-                      lambda kind, rank, p: sink.put(p[0], torch.from_numpy(p[1])))
+                spawn(run_worker, (spec,), tp * pp, backend, on_message)
     except BaseException:
         sink.close(raise_error=False)  # keep what was written playable; report the original failure
         raise
@@ -391,7 +407,8 @@ def run(opts: RunOptions) -> dict:
     return {"output": str(opts.output), "blocks": sink.next_block, "frames": sink.writer.frames_written,
             "seconds": round(elapsed, 2), "fps": round(sink.writer.frames_written / max(elapsed, 1e-9), 2),
             "layout": f"tp{tp}xpp{pp}" + ("-offload" if kv_offload else ""), "device": device,
-            "time_to_first_frame_s": sink.first_frame_s}
+            "time_to_first_frame_s": sink.first_frame_s, "block_times_s": sink.block_times,
+            "block_frames": sink.block_frames, "ranks": ranks}
 
 
 class make_progress:

@@ -105,7 +105,16 @@ def run_layout(tp, pp, inputs_path, ref_update=True):
                       stages=stage_layers(cfg, pp), inputs_path=str(inputs_path), dtype="float32",
                       ref_update=ref_update)
     got = {}
-    spawn(run_worker, (spec,), tp * pp, "gloo", lambda kind, rank, p: got.__setitem__(p[0], torch.from_numpy(p[1])))
+    memory = {}
+
+    def on_message(kind, rank, payload):
+        if kind == "latent":
+            got[payload[0]] = torch.from_numpy(payload[1])
+        elif kind == "memory":
+            memory[rank] = payload
+
+    spawn(run_worker, (spec,), tp * pp, "gloo", on_message)
+    assert sorted(memory) == list(range(tp * pp)) and all(m["host_bytes"] > 0 for m in memory.values())
     return torch.stack([got[b] for b in range(BLOCKS)])
 
 

@@ -57,14 +57,39 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
+def peak_rss_bytes() -> int:
+    """Peak resident set of this process image: VmHWM (reset at exec, unlike ru_maxrss, which keeps the parent's
+    size from before the fork of a spawned child)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_memory(device=None) -> dict:
+    """{host_bytes, gpu_alloc_bytes, gpu_reserved_bytes} peaks of this process (GPU ones for a CUDA device)."""
+    rec = {"device": str(device) if device is not None else "cpu", "host_bytes": peak_rss_bytes()}
+    if device is not None and torch.device(device).type == "cuda":
+        rec["gpu_alloc_bytes"] = torch.cuda.max_memory_allocated(device)
+        rec["gpu_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+    return rec
+
+
 def _worker_entry(rank, world, port, backend, fn, args, out_queue):
-    """Body of a spawned worker: one line back on error, exit code 1."""
+    """Body of a spawned worker: its peak memory, then "done"; one line back on error, exit code 1."""
     try:
         if backend == "gloo":
             torch.set_num_threads(1)
         init_distributed(rank, world, backend, port)
-        fn(rank, world, out_queue, *args)
+        device = fn(rank, world, out_queue, *args)
         shutdown_distributed()
+        out_queue.put(("memory", rank, peak_memory(device)))
         out_queue.put(("done", rank, None))
     except BaseException as err:  # noqa: BLE001 - reported to the launcher, which decides
         detail = "".join(traceback.format_exception_only(type(err), err)).strip().splitlines()[-1]

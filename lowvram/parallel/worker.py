@@ -49,8 +49,8 @@ def device_for(spec: WorkerSpec, rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def run_worker(rank: int, world: int, out_queue, spec: WorkerSpec) -> None:
-    """Spawned-worker body: finished latents go back to the launcher over `out_queue`."""
+def run_worker(rank: int, world: int, out_queue, spec: WorkerSpec) -> torch.device:
+    """Spawned-worker body: finished latents go back to the launcher over `out_queue`; returns the device used."""
     topo = make_topology(spec.tp, spec.pp)
     device = device_for(spec, rank)
     model = load_stage(spec, topo, device)
@@ -62,3 +62,4 @@ def run_worker(rank: int, world: int, out_queue, spec: WorkerSpec) -> None:
     if kill and int(kill.split(":")[0]) == rank:
         runner.kill_after = int(kill.split(":")[1])
     runner.run()
+    return device
