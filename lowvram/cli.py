@@ -42,7 +42,7 @@ def inspect(
     else:
         from rich.console import Console
 
-        console = Console()
+        console = Console(width=None if sys.stdout.isatty() else 160)  # pipes: no wrapping at 80
         for renderable in inspect_renderables(report):
             console.print(renderable)
     if not report["complete"]:
