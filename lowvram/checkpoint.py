@@ -195,15 +195,21 @@ def _refuse_pickle(path: Path) -> CheckpointError:
         f"safetensors, or pass --allow-pickle / allow_pickle=True if you trust it (loaded with weights_only=True)")
 
 
+def torch_load_weights(path: str | Path):
+    """torch.load(weights_only=True), memory-mapped; legacy (pre-1.6, non-zip) files can't be mapped and are read
+    whole — still never a full unpickle."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as err:
+        if "mmap" not in str(err):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 @functools.lru_cache(maxsize=2)
 def _pickle_state(path: str) -> dict[str, torch.Tensor]:
     try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+        obj = torch_load_weights(path)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found; download it or fix the path") from None
     except Exception as err:  # unpickling errors come in many types

@@ -220,13 +220,9 @@ def read_state_dict(path: str | Path, what: str, fix: str) -> dict[str, torch.Te
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 sd = {k: f.get_tensor(k) for k in f.keys()}
         else:
-            try:
-                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:
-                if "_use_new_zipfile_serialization" not in str(e):
-                    raise
-                # Legacy (pre-1.6) serialization cannot be memory-mapped; still never a full unpickle.
-                sd = torch.load(path, map_location="cpu", weights_only=True)
+            from lowvram.checkpoint import torch_load_weights
+
+            sd = torch_load_weights(path)
     except CheckpointError:
         raise
     except Exception as e:  # zipfile/pickle/EOF/unsupported-global errors all mean "not a readable state dict"
