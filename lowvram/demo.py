@@ -9,7 +9,6 @@ code a real user hits. The weights are random: the video shows noise, not a face
 from __future__ import annotations
 
 import json
-import math
 import wave
 from pathlib import Path
 
@@ -27,19 +26,15 @@ def demo_config() -> DiTConfig:
 
 
 def random_like_trained(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:
-    """N(0, 1/fan_in) for weights, small biases, norm weights near 1."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for key in sorted(shapes):
-        shape = shapes[key]
+    """The synthetic checkpoint's trained-like scales (N(0, 1/fan_in) weights, norms near 1, small rest)."""
+    from lowvram.synthetic import random_tensor
+
+    def kind(key: str, shape: tuple[int, ...]) -> str:
         if len(shape) >= 2:
-            fan_in = math.prod(shape[1:])
-            out[key] = torch.randn(shape, generator=g) / math.sqrt(fan_in)
-        elif key.endswith(("norm1.weight", "norm2.weight", "norm.weight", "gamma")) or "norm" in key:
-            out[key] = 1 + 0.05 * torch.randn(shape, generator=g)
-        else:
-            out[key] = 0.02 * torch.randn(shape, generator=g)
-    return out
+            return "linear"
+        return "norm" if "norm" in key or key.endswith("gamma") else "bias"
+
+    return {k: random_tensor(k, shape, kind(k, shape), seed) for k, shape in sorted(shapes.items())}
 
 
 def write_text_encoder(root: Path, seed: int = 1) -> None:
