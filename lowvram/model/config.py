@@ -51,13 +51,6 @@ class DiTConfig:
         c = self.head_dim // 2
         return (c - 2 * (c // 3), c // 3, c // 3)
 
-    @property
-    def audio_frames_per_block(self) -> int:
-        return 4 * self.frames_per_block
-
-    def tokens_per_frame(self, latent_h: int, latent_w: int) -> int:
-        return (latent_h // self.patch_size[1]) * (latent_w // self.patch_size[2])
-
     def validate(self) -> None:
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
@@ -110,5 +103,3 @@ def tiny(**overrides) -> DiTConfig:
     cfg.validate()
     return cfg
 
-
-PRESETS = {"s2v-14b": s2v_14b, "tiny": tiny}

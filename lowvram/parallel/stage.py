@@ -50,15 +50,3 @@ def build_stage_from_checkpoint(ckpt: str | Path, cfg: DiTConfig, topo: Topology
             f.close()
     set_tp_group(model, topo.tp_group)
     return model.eval()
-
-
-def build_stage_from_state_dict(state: dict[str, torch.Tensor], cfg: DiTConfig, topo: Topology, layers: list[int],
-                                device="cpu", dtype=torch.float32) -> LiveAvatarDiT:
-    """The same slicing from an in-memory full state dict (tests, and the demo's tiny model)."""
-    from lowvram.checkpoint import _assign
-
-    model = meta_stage(cfg, topo, layers)
-    for key in model.state_dict(keep_vars=True):
-        _assign(model, key, tp_slice(key, state[key], topo.tp_rank, topo.tp).to(device=device, dtype=dtype).contiguous())
-    set_tp_group(model, topo.tp_group)
-    return model.eval()
