@@ -20,6 +20,13 @@ app = typer.Typer(
 )
 
 
+def wide_console():
+    """A rich console; piped output (CI, `| less`) gets 160 columns instead of wrapping tables at 80."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
 @app.callback()
 def _commands() -> None:
     """Keep `lowvram <command>` a command group even while only one command is registered."""
@@ -40,9 +47,7 @@ def inspect(
     if json_out:
         print(json.dumps(report, indent=2))
     else:
-        from rich.console import Console
-
-        console = Console(width=None if sys.stdout.isatty() else 160)  # pipes: no wrapping at 80
+        console = wide_console()
         for renderable in inspect_renderables(report):
             console.print(renderable)
     if not report["complete"]:
@@ -72,9 +77,7 @@ def plan(
     if json_out:
         print(json.dumps(report, indent=1))
     else:
-        from rich.console import Console
-
-        console = Console(width=None if sys.stdout.isatty() else 160)
+        console = wide_console()
         for renderable in plan_renderables(report):
             console.print(renderable)
     if report["chosen"] is None:
@@ -217,7 +220,7 @@ def demo(
     """The whole path on a tiny random-weight model in the real layout: inspect, plan, quantize, run, bench."""
     from lowvram.demo import run_demo
 
-    run_demo(out, device)
+    run_demo(out, device, console=wide_console())
 
 
 @app.command()

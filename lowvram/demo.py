@@ -155,9 +155,7 @@ def run_demo(out: Path, device: str = "cpu", console=None) -> dict:
     from lowvram.plan import plan_report
     from lowvram.runtime import RunOptions, run
 
-    import sys
-
-    console = console or Console(width=None if sys.stdout.isatty() else 160)
+    console = console or Console()
     out = Path(out)
     t0 = time.monotonic()
 
