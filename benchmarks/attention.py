@@ -2,8 +2,9 @@
 
     PYTHONPATH=. python benchmarks/attention.py
 
-cuDNN / flash / memory-efficient SDPA on concatenated keys, our two-segment cuDNN merge, and the fp8 Triton kernel
-(lowvram/kernels/attention.py) with bf16 and fp8 (`--kv fp8`) caches, with the error each adds vs exact bf16 SDPA.
+cuDNN / flash / memory-efficient SDPA on concatenated keys, our two-segment cuDNN merge, the fp8 Triton kernel
+(lowvram/kernels/attention.py) with bf16 and fp8 (`--kv fp8`) caches, and SageAttention's int8 Q·Kᵀ kernel
+(`pip install sageattention`, when installed), with the error each adds vs exact bf16 SDPA.
 """
 
 from __future__ import annotations
@@ -53,6 +54,14 @@ def main():
                    lambda: fp8_attention(q, parts8, block_m=bm, block_n=bn, num_warps=w, num_stages=st))
         except Exception as err:  # noqa: BLE001 - a config that doesn't compile is reported, not fatal
             print(tag, "failed:", str(err).splitlines()[0][:200], flush=True)
+    try:
+        from sageattention import sageattn
+    except ImportError:
+        print("sageattention not installed: skipped", flush=True)
+    else:
+        kc, vc = k[None].transpose(1, 2), v[None].transpose(1, 2)
+        record("SageAttention int8 Q·Kᵀ (package), concatenated keys",
+               lambda: sageattn(q[None].transpose(1, 2), kc, vc, tensor_layout="HND")[0].transpose(0, 1).flatten(1))
     print(json.dumps(res))
 
 

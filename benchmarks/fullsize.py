@@ -27,6 +27,8 @@ from lowvram.model.dit import LiveAvatarDiT, compile_model, fuse_qkv_
 from lowvram.model.sampler import Conditioning, Stream
 
 PROFILE = False
+CUDA_GRAPH = False
+COMPILED = False
 FUSE_QKV = True
 STATIC_ACT = False
 LAT_HW = (88, 48)  # 704x384 pixels
@@ -140,20 +142,17 @@ def bench_format(cfg, fmt: str, whole_block: bool) -> dict:
     flops = forward_flops(cfg, stream.block_tokens, keys_steady, stream.fsl)
     res["steady_TFLOP"] = round(flops / 1e12, 1)
     res["steady_TFLOPs_per_s"] = round(flops / res["steady_ms"] / 1e9, 1)
+    if COMPILED:  # the compiled graphs compute what the eager code does
+        fwd = lambda: stream.forward(x, 0, audio, pose, steady, 10)
+        compiled_out = fwd()
+        with torch.compiler.set_stance("force_eager"):
+            eager_out = fwd()
+        res["compiled_vs_eager_rel_err"] = ((compiled_out - eager_out).abs().max() / eager_out.abs().max()).item()
+    if CUDA_GRAPH:
+        res.update(graph_layers(stream, x, audio, pose, steady))
     if PROFILE:
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            stream.forward(x, 0, audio, pose, steady, 10)
-            torch.cuda.synchronize()
-        events = prof.key_averages()
-        busy = sum(e.self_device_time_total for e in events) / 1000
-        res["kernel_ms_per_forward"] = round(busy, 1)  # GPU busy time; the rest of steady_ms is launch gaps
-        print(f"  GPU busy {busy:.1f} ms in {sum(e.count for e in events if e.self_device_time_total > 0)} "
-              f"kernel launches", flush=True)
-        rows = sorted(events, key=lambda e: -e.device_time_total)[:16]
-        for e in rows:
-            print(f"  {e.device_time_total / 1000:8.2f} ms  {e.count:5d}x  {e.key[:90]}", flush=True)
+        res["parts_ms"] = forward_parts(stream, x, audio, pose, steady)
+        res["profile"] = profile_forward(lambda: stream.forward(x, 0, audio, pose, steady, 10))
     if whole_block:
         for s in range(cfg.num_steps):
             stream.step_kv(s)
@@ -168,6 +167,86 @@ def bench_format(cfg, fmt: str, whole_block: bool) -> dict:
     stream = model = None  # free before the next format
     torch.cuda.empty_cache()
     return res
+
+
+@torch.no_grad()
+def forward_parts(stream, x, audio, pose, start) -> dict:
+    """ms of the pieces of one steady forward around the 40 layers (each timed alone)."""
+    m = stream.model
+    inp, e = stream.block_inputs(x.shape[1], 0, audio, start, 10)
+    tokens = m.embed_noisy(x, pose)
+    parts = {
+        "block_inputs (time embedding, audio encoder)": lambda: stream.block_inputs(x.shape[1], 0, audio, start, 10),
+        "embed_noisy": lambda: m.embed_noisy(x, pose),
+        "rope_tables": lambda: m.rope_tables(inp, stream.cond, tokens.shape[0], tokens.device),
+        "head_out": lambda: m.head_out(tokens, e, (x.shape[1], *stream.grid)),
+    }
+    out = {name: round(cuda_time(fn, 2, 10), 3) for name, fn in parts.items()}
+    print("  parts " + json.dumps(out), flush=True)
+    return out
+
+
+@torch.no_grad()
+def graph_layers(stream, x, audio, pose, start) -> dict:
+    """The 40 layers of one steady-state forward launched one kernel at a time vs replayed from one CUDA graph:
+    what launch gaps cost (conditioning tables precomputed; they hold host-side position arithmetic)."""
+    m = stream.model
+    inp, _ = stream.block_inputs(x.shape[1], 0, audio, start, 10)
+    tokens = m.embed_noisy(x, pose)
+    kv = stream.step_kv(0)
+    tables = m.rope_tables(inp, stream.cond, tokens.shape[0], tokens.device)
+    run = lambda: m.run_layers(tokens, inp, stream.cond, kv, tables=tables)
+    eager_out = run().clone()
+    eager_ms = cuda_time(run)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_out = run()
+    graph_ms = cuda_time(graph.replay)
+    err = (graph_out.float() - eager_out.float()).abs().max().item()
+    print(f"  layers launched {eager_ms:.1f} ms, one CUDA graph {graph_ms:.1f} ms (max diff {err:.2e})", flush=True)
+    return {"layers_eager_ms": round(eager_ms, 1), "layers_graph_ms": round(graph_ms, 1), "graph_max_diff": err}
+
+
+def kernel_kind(name: str) -> str:
+    n = name.lower()
+    if any(k in n for k in ("fmha", "cudnn", "flash", "attention", "sdpa")) and "triton" not in n:
+        return "attention"
+    if any(k in n for k in ("gemm", "xmma", "cutlass", "sm90", "matmul", "scaled_mm")) and "triton" not in n:
+        return "gemm"
+    if "triton" in n:
+        return "fused (triton)"
+    if "copy" in n or "elementwise" in n or "reduce" in n or "cat" in n:
+        return "copies / eager elementwise"
+    return "other"
+
+
+def profile_forward(fn) -> dict:
+    """GPU busy time of one forward by kernel kind, plus the top kernels by their own time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    busy = sum(e.self_device_time_total for e in events) / 1000
+    launches = sum(e.count for e in events)
+    kinds: dict[str, float] = {}
+    for e in events:
+        kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + e.self_device_time_total / 1000
+    print(f"  GPU busy {busy:.1f} ms in {launches} kernel launches", flush=True)
+    print("  by kind: " + ", ".join(f"{k} {v:.1f} ms" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
+    top = sorted(events, key=lambda e: -e.self_device_time_total)[:30]
+    for e in top:
+        print(f"  {e.self_device_time_total / 1000:8.2f} ms  {e.count:5d}x  {e.key[:110]}", flush=True)
+    return {"busy_ms": round(busy, 1), "launches": launches, "by_kind_ms": {k: round(v, 1) for k, v in kinds.items()},
+            "top": [(e.key[:110], e.count, round(e.self_device_time_total / 1000, 2)) for e in top]}
 
 
 def bench_attention(cfg) -> dict:
@@ -236,11 +315,13 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=40, help="fewer layers for a quick look (times scale linearly)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one steady forward")
+    ap.add_argument("--graph", action="store_true", help="also time the 40 layers replayed from one CUDA graph")
     ap.add_argument("--no-fuse", action="store_true", help="keep q, k, v as three GEMMs")
     ap.add_argument("--act", choices=["dynamic", "static"], default="dynamic",
                     help="fp8 activation scales: per-token dynamic, or one calibrated scale per layer")
     args = ap.parse_args(argv)
-    global PROFILE, FUSE_QKV, STATIC_ACT
+    global PROFILE, FUSE_QKV, STATIC_ACT, CUDA_GRAPH, COMPILED
+    CUDA_GRAPH = args.graph
     STATIC_ACT = args.act == "static"
     PROFILE = args.profile
     FUSE_QKV = not args.no_fuse
@@ -261,6 +342,7 @@ def main(argv=None):
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     for compiled in modes:
         if compiled:
+            COMPILED = True
             compile_blocks()
         for fmt in formats:
             try:

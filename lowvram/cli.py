@@ -108,6 +108,8 @@ def run(
     keep_reference: bool = typer.Option(False, "--keep-reference", help="Keep the image's latent as the reference "
                                         "for the whole stream (upstream single-GPU); default: the first generated "
                                         "frame replaces it after clip 0 (upstream multi-GPU)."),
+    compile_: bool = typer.Option(True, "--compile/--no-compile", help="torch.compile the per-layer math on CUDA "
+                                  "(the first block pays for compiling; later runs reuse inductor's disk cache)."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Generate a talking-avatar video: conditioning once, then the DiT streams blocks into the mp4."""
@@ -124,7 +126,7 @@ def run(
                                     ckpt_dir=ckpt_dir, lora=lora, size=size, seed=seed, device=device, gpus=gpus,
                                     tp=tp, pp=pp, seconds=seconds, latents=latents, kv=kv, t5_device=t5_device,
                                     t5_quantization=t5_quant, ref_update=not keep_reference,
-                                    progress=not json_out))
+                                    compile=compile_, progress=not json_out))
     if "output" not in summary:  # a torchrun rank that neither decodes nor writes
         return
     if json_out:

@@ -51,6 +51,7 @@ class RunOptions:
     t5_device: str | None = None
     t5_quantization: str | None = None
     ref_update: bool = True  # upstream multi-GPU: the first generated frame becomes the reference after clip 0
+    compile: bool = True  # torch.compile the per-layer math (CUDA only)
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -293,7 +294,8 @@ def worker_spec(opts: RunOptions, comps: Components, tp: int, pp: int, device: s
                       stages=stage_layers(comps.cfg, pp, fmt, comps.recipe), inputs_path=inputs_path, device=device,
                       dtype="float32" if device == "cpu" else "bfloat16",
                       kv_dtype="fp8" if opts.kv == "fp8" else None, lora=str(comps.lora) if comps.lora else None,
-                      quantized=comps.quantized, ref_update=opts.ref_update)
+                      quantized=comps.quantized, ref_update=opts.ref_update,
+                      compile=device == "cuda" and opts.compile)
 
 
 def run_under_torchrun(opts: RunOptions, comps: Components, device: str) -> dict:

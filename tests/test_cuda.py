@@ -76,3 +76,26 @@ def test_fp8_attention_kernel_is_close_to_exact():
         out = fp8_attention(q, parts).float()
         rel = ((out - exact).norm() / exact.norm()).item()
         assert rel < 0.05, rel  # fp8 scores: ~2-3 % relative error on random inputs (bf16 SDPA: ~0.3 %)
+
+
+COMPILED_VS_EAGER = """
+import sys, torch
+sys.path.insert(0, "tests")
+from test_offload import sample
+from lowvram.model.dit import compile_model, fuse_qkv_
+eager, stream = sample(False, blocks=3, device="cuda")
+compile_model()  # the runtime's path: fused q/k/v, compiled layers writing the cache rows in place
+compiled, stream = sample(False, blocks=3, device="cuda", prepare=fuse_qkv_)
+print((compiled - eager).abs().max().item())
+"""
+
+
+def test_compiled_layers_give_the_eager_latents():
+    """The compiled per-layer math (fused ring-buffer writes, merge, audio injection) = eager, over a ring wrap.
+    A subprocess: compile_model() swaps module-level functions for the whole process."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", COMPILED_VS_EAGER], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.strip().splitlines()[-1]) < 1e-3

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lowvram.kernels import linear as K
@@ -86,3 +87,56 @@ def test_fused_qkv_gives_the_same_output(fmt):
         assert torch.allclose(a, b, atol=1e-5)
     assert all(b.self_attn.qkv is not None for b in model.blocks.values())
     assert all(b.cross_attn.qkv is None and b.cross_attn.k is not None for b in model.blocks.values())
+
+
+def test_fused_qkv_keeps_static_per_step_fp8_scales():
+    """q, k, v read the same input, so the fused layer keeps one scale per step (their max), not three."""
+    from lowvram.model.config import tiny
+    from lowvram.model.dit import LiveAvatarDiT, fuse_qkv_
+    from lowvram.quantize.formats import set_act_step
+
+    torch.manual_seed(0)
+    model = LiveAvatarDiT(tiny())
+    K.quantize_(model, "fp8")
+    attn = model.blocks["0"].self_attn
+    for j, lin in enumerate((attn.q, attn.k, attn.v)):
+        lin.register_buffer("act_scales", torch.tensor([0.01, 0.02, 0.03, 0.04, 0.05]) * (1 + j))
+    x = torch.randn(40, 128)
+    set_act_step(model, 2)
+    q, k, v = attn.q(x), attn.k(x), attn.v(x)
+    fuse_qkv_(model)
+    assert attn.qkv.act_scales.shape == (5,) and "act_scales" in dict(attn.qkv.named_buffers())
+    assert torch.allclose(attn.qkv.act_scales, torch.tensor([0.03, 0.06, 0.09, 0.12, 0.15]))
+    set_act_step(model, 2)
+    assert attn.qkv.act_scale.item() == pytest.approx(0.09)
+    fq, fk, fv = attn.qkv(x).chunk(3, dim=-1)
+    # v had the largest scale (0.09) in both cases: bit-equal; q and k now use the coarser shared scale.
+    assert torch.equal(fv, v)
+    for a, b in ((fq, q), (fk, k)):
+        assert (a - b).abs().max() <= 0.1 * b.abs().max()
+
+
+def test_patch_embedding_as_one_gemm_equals_the_conv():
+    from lowvram.model.config import tiny
+    from lowvram.model.dit import LiveAvatarDiT
+
+    torch.manual_seed(0)
+    model = LiveAvatarDiT(tiny())
+    for conv in (model.patch_embedding, model.frame_packer.proj_2x, model.frame_packer.proj_4x):
+        x = torch.randn(1, conv.in_channels, 9, 20, 28)  # not multiples of the 4x kernel: the conv drops the rest
+        tokens, grid = model.patchify(conv, x)
+        ref = conv(x)[0]
+        assert grid == tuple(ref.shape[1:])
+        torch.testing.assert_close(tokens, ref.flatten(1).t(), atol=1e-5, rtol=1e-5)
+
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_causal_conv1d_as_one_gemm_equals_the_conv(stride):
+    from lowvram.model.dit import CausalConv1d
+
+    torch.manual_seed(0)
+    conv = CausalConv1d(24, 40, stride=stride)
+    x = torch.randn(4, 24, 17)
+    ref = conv.conv(F.pad(x, (2, 0), mode="replicate"))
+    torch.testing.assert_close(conv(x), ref, atol=1e-5, rtol=1e-5)

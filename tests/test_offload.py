@@ -13,12 +13,14 @@ from lowvram.model.sampler import Conditioning, ShiftDraws, Stream
 FIXTURE = reference_dir() / "tiny_dit"
 
 
-def sample(kv_offload: bool, blocks: int = 3, device: str = "cpu"):
+def sample(kv_offload: bool, blocks: int = 3, device: str = "cpu", prepare=None):
     fx = json.loads((FIXTURE / "config.json").read_text())
     cfg = DiTConfig.from_dict({**fx["model"], "blocks_per_clip": fx["pipeline"]["num_blocks"]})
     model = LiveAvatarDiT(cfg)
     model.load_state_dict(load_file(FIXTURE / "weights.safetensors"))
     model.to(device)
+    if prepare is not None:
+        prepare(model)
     case = load_file(FIXTURE / "case_c.safetensors")
     stream = Stream(model, Conditioning(case["context"], case["ref_latents"], case["motion_latents"]), (8, 16),
                     draws=ShiftDraws(cfg, seed=3), kv_offload=kv_offload)

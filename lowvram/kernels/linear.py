@@ -270,10 +270,11 @@ def concat_linears(layers: list[nn.Module]) -> nn.Module | None:
         for name, _ in first.named_buffers(recurse=False):
             if name == "smooth":
                 fused.smooth = first.smooth
+            elif name in ("act_scale", "act_scales"):  # per input, not per output: the same input, one scale
+                fused.register_buffer(name, torch.stack([getattr(l, name) for l in layers]).amax(0),
+                                      persistent=name not in first._non_persistent_buffers_set)
             else:
                 setattr(fused, name, torch.cat([getattr(l, name) for l in layers]))
-        if hasattr(first, "act_scale"):
-            fused.act_scale = first.act_scale
     if bias is not None:
         fused.bias = nn.Parameter(bias, requires_grad=False)
     return fused

@@ -44,19 +44,27 @@ class StepKV:
         self.k = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
         self.v = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
 
-    def write_and_read(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
-        """Store this block's keys/values for absolute token offset `start`; return all valid rows."""
-        n = k.shape[0]
+    def block_rows(self, layer: int, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ring rows (k, v views) that the block at absolute token offset `start` writes."""
         if n > self.capacity:
             raise ValueError(f"block of {n} tokens does not fit a KV cache of {self.capacity}")
         pos = start % self.capacity
         if pos + n > self.capacity:
             raise ValueError("a block must not straddle the end of the KV ring buffer")
-        self.k[layer][pos : pos + n] = k.to(self.dtype)
-        self.v[layer][pos : pos + n] = v.to(self.dtype)
+        return self.k[layer][pos : pos + n], self.v[layer][pos : pos + n]
+
+    def read(self, layer: int, start: int, n: int, dtype: torch.dtype):
+        """All valid rows once the block at `start` (n tokens) is written."""
         valid = min(start + n, self.capacity)
         # An fp8 cache (--kv fp8) is stored at 1 byte per value and widened for the attention kernel.
-        return self.k[layer][:valid].to(k.dtype), self.v[layer][:valid].to(v.dtype)
+        return self.k[layer][:valid].to(dtype), self.v[layer][:valid].to(dtype)
+
+    def write_and_read(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        """Store this block's keys/values for absolute token offset `start`; return all valid rows."""
+        k_rows, v_rows = self.block_rows(layer, start, k.shape[0])
+        k_rows.copy_(k)
+        v_rows.copy_(v)
+        return self.read(layer, start, k.shape[0], k.dtype)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for d in (self.k, self.v) for t in d.values())

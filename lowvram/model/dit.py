@@ -90,13 +90,17 @@ def attention_parts(q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tenso
         o, lse = _sdpa_with_lse(q4, k4, v4)
         outs.append(o)
         lses.append(lse)
-    return merge_attention(outs, lses).to(q.dtype).transpose(1, 2).reshape(*q.shape[:-2], -1)
+    return merge_attention(outs, lses, q.dtype).reshape(*q.shape[:-2], -1)
 
 
-def merge_attention(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> torch.Tensor:
-    """softmax over the union = sum of the partial outputs weighted by exp(lse_i - lse_total)."""
+def merge_attention(outs: list[torch.Tensor], lses: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """softmax over the union = sum of the partial outputs weighted by exp(lse_i - lse_total).
+
+    outs [B, H, L, d] -> [B, L, H*d] in `dtype`: compiled, the merge writes the layout the o-projection reads.
+    """
     total = torch.logsumexp(torch.stack(lses), dim=0)
-    return sum(o.float() * torch.exp(lse - total)[..., None] for o, lse in zip(outs, lses))
+    merged = sum(o.float() * torch.exp(lse - total)[..., None] for o, lse in zip(outs, lses))
+    return merged.to(dtype).transpose(1, 2).flatten(2)
 
 
 class RMSNorm(nn.Module):
@@ -180,27 +184,37 @@ class Block(nn.Module):
         self.cross_attn = Attention(cfg.dim, cfg.num_heads, cfg.eps, tp)
         self.ffn = FeedForward(cfg.dim, cfg.ffn_dim // tp)
 
-    def forward(self, x, e6, rope, kv_fn, text_k, text_v):
+    def forward(self, x, e6, rope, kv_fn, text_k, text_v, raw_keys: bool = False, round_out: bool = False,
+                kv_rows: tuple[torch.Tensor, torch.Tensor] | None = None):
         """x [L, dim]; e6 [G, 6, dim] float32 for G equal groups of tokens (one per latent frame);
-        rope = (cos, sin); kv_fn(k_roped, v, k_raw) -> the keys/values to attend to."""
+        rope = (cos, sin); kv_fn(k_roped, v, k_raw) -> the keys/values to attend to (k_raw: the un-roped keys
+        if raw_keys, else None). kv_rows: cache rows that receive k_roped and v directly (kv_fn then only reads).
+        Returns the float32 residual stream, or rounded to the weights' dtype."""
         m = (self.modulation.float() + e6).unbind(1)
-        q, k, k_raw, v = self.pre_attention(x, m[0], m[1], *rope)
+        q, k, v, k_raw = self.pre_attention(x, m[0], m[1], *rope, raw_keys, kv_rows)
         parts = kv_fn(k, v, k_raw)
-        return self.post_attention(x, attention_parts(q, parts), m[2], m[3], m[4], m[5], text_k, text_v)
+        return self.post_attention(x, attention_parts(q, parts), m[2], m[3], m[4], m[5], text_k, text_v, round_out)
 
-    def pre_attention(self, x, shift, scale, cos, sin):
+    def pre_attention(self, x, shift, scale, cos, sin, raw_keys: bool = False, kv_rows=None):
         y = modulate(layer_norm(x, self.eps), shift, scale).to(self.modulation.dtype)
         q, k, v = self.self_attn.query_key_value(y)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), k, v
+        k_raw = k if raw_keys else None
+        k = apply_rope(k, cos, sin)
+        if kv_rows is not None:  # compiled, the roped keys and the values are stored straight into the cache
+            kv_rows[0].copy_(k)
+            kv_rows[1].copy_(v)
+            k, v = kv_rows
+        return apply_rope(q, cos, sin), k, v, k_raw
 
-    def post_attention(self, x, attn, gate, shift, scale, gate_ffn, text_k, text_v):
+    def post_attention(self, x, attn, gate, shift, scale, gate_ffn, text_k, text_v, round_out: bool = False):
         dtype = self.modulation.dtype
         x = x.float() + gated(self.self_attn.output(attn), gate)
         z = F.layer_norm(x.to(dtype).float(), x.shape[-1:], self.norm3.weight.float(), self.norm3.bias.float(),
                          self.eps).to(dtype)
         x = x + self.cross_attn.output(attention(self.cross_attn.query(z), text_k, text_v)).float()
         y = modulate(layer_norm(x, self.eps), shift, scale).to(dtype)
-        return x + gated(self.ffn(y), gate_ffn)
+        x = x + gated(self.ffn(y), gate_ffn)
+        return x.to(dtype) if round_out else x
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -240,8 +254,15 @@ class CausalConv1d(nn.Module):
         super().__init__()
         self.conv = nn.Conv1d(cin, cout, 3, stride=stride)
 
-    def forward(self, x):  # [B, C, T]
-        return self.conv(F.pad(x, (2, 0), mode="replicate"))
+    def forward(self, x):  # [B, C, T] -> [B, out, T']
+        """The conv as one GEMM over the 3-sample windows: the same sums, without the GPU conv's weight and
+        input layout conversions (~2 ms per forward for the audio encoder's six convs at the real size)."""
+        conv = self.conv
+        windows = F.pad(x, (2, 0), mode="replicate").unfold(2, 3, conv.stride[0])  # [B, C, T', 3]
+        b, c, t, k = windows.shape
+        flat = windows.permute(0, 2, 1, 3).reshape(b * t, c * k)
+        out = F.linear(flat, conv.weight.reshape(conv.out_channels, c * k), conv.bias)
+        return out.reshape(b, t, -1).transpose(1, 2)
 
 
 class MotionEncoder(nn.Module):
@@ -393,10 +414,22 @@ class LiveAvatarDiT(nn.Module):
     def encode_audio(self, audio_input: torch.Tensor):
         return self.casual_audio_encoder(audio_input)
 
-    def patchify(self, conv: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        out = conv(x.to(self.dtype))[0]  # [dim, T, H, W]
-        grid = tuple(out.shape[1:])
-        return out.flatten(1).transpose(0, 1), grid
+    def patchify(self, conv: nn.Conv3d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """[1, C, T, H, W] -> tokens [T'*H'*W', dim] and the token grid (T', H', W').
+
+        Every patch conv here has stride == kernel and no padding, so it is one GEMM over the flattened patches:
+        the same sums as the conv, without the GPU conv's layout conversions (~2 ms per forward at 704x384)."""
+        w = conv.weight
+        kt, kh, kw = conv.kernel_size
+        if tuple(conv.stride) != (kt, kh, kw) or any(conv.padding):
+            out = conv(x.to(self.dtype))[0]  # [dim, T, H, W]
+            return out.flatten(1).transpose(0, 1), tuple(out.shape[1:])
+        _, c, t, h, wd = x.shape
+        grid = (t // kt, h // kh, wd // kw)
+        patches = x[0, :, : grid[0] * kt, : grid[1] * kh, : grid[2] * kw].to(w.dtype)
+        patches = patches.reshape(c, grid[0], kt, grid[1], kh, grid[2], kw).permute(1, 3, 5, 0, 2, 4, 6)
+        tokens = F.linear(patches.reshape(math.prod(grid), c * kt * kh * kw), w.reshape(w.shape[0], -1), conv.bias)
+        return tokens, grid
 
     def embed_noisy(self, x: torch.Tensor, cond_states: torch.Tensor) -> torch.Tensor:
         """Latent [16, F, h, w] (+ pose latent [1, 16, F, h, w]) -> tokens [F*fsl, dim]."""
@@ -450,51 +483,56 @@ class LiveAvatarDiT(nn.Module):
                 return [(k_roped, v)]
 
             tk, tv = text_kv[i]
-            tokens = self.blocks[str(i)](tokens, e6, rope, kv_fn, tk, tv).to(self.dtype)
+            tokens = self.blocks[str(i)](tokens, e6, rope, kv_fn, tk, tv, raw_keys=True, round_out=True)
             cache.layers[i] = LayerCond(stash["k"], stash["v"], tk, tv)
         return tokens
 
-    def run_layers(self, tokens: torch.Tensor, inp: BlockInputs, cond: CondCache, kv: StepKV,
-                   layers: list[int] | None = None) -> torch.Tensor:
-        """One inference forward through this instance's layers, or the given subset (noisy tokens only)."""
-        cfg = self.cfg
-        frames = tokens.shape[0] // inp.tokens_per_frame
+    def rope_tables(self, inp: BlockInputs, cond: CondCache, tokens: int, device) -> tuple[tuple, tuple]:
+        """RoPE (cos, sin) of this forward's noisy tokens and of the conditioning tokens (reference shifted)."""
+        frames = tokens // inp.tokens_per_frame
         f0 = inp.start // inp.tokens_per_frame
         rows, cols = inp.grid
-        device = tokens.device
-        positions = grid_positions(range(f0, f0 + frames), range(rows), range(cols)).to(device)
-        rope = rope_table(positions, cfg.rope_split)
+        positions = grid_positions(range(f0, f0 + frames), range(rows), range(cols), device)
         cond_pos = cond.positions.to(device, copy=True)
         cond_pos[: cond.num_ref_tokens, 0] += inp.ref_shift
-        cond_rope = rope_table(cond_pos, cfg.rope_split)
+        return rope_table(positions, self.cfg.rope_split), rope_table(cond_pos, self.cfg.rope_split)
+
+    def run_layers(self, tokens: torch.Tensor, inp: BlockInputs, cond: CondCache, kv: StepKV,
+                   layers: list[int] | None = None, tables: tuple | None = None) -> torch.Tensor:
+        """One inference forward through this instance's layers, or the given subset (noisy tokens only).
+
+        `tables`: precomputed `rope_tables` (a CUDA-graph capture must not copy from the host)."""
+        rope, cond_rope = tables or self.rope_tables(inp, cond, tokens.shape[0], tokens.device)
         e6 = inp.e6
         run = self.layer_ids if layers is None else layers
         if hasattr(kv, "begin"):  # host-offloaded cache: start streaming the first layer in
             kv.begin(inp.start)
+        n = tokens.shape[0]
+        direct = isinstance(kv, StepKV)  # a GPU-resident cache: pre_attention writes its rows itself
         for i in run:
             lc = cond.layers[i]
+            rows = kv.block_rows(i, inp.start, n) if direct else None
 
             def kv_fn(k_roped, v, k_raw, i=i, lc=lc):
-                k_cache, v_cache = kv.write_and_read(i, inp.start, k_roped, v)
+                if direct:
+                    k_cache, v_cache = kv.read(i, inp.start, n, tokens.dtype)
+                else:
+                    k_cache, v_cache = kv.write_and_read(i, inp.start, k_roped, v)
                 cond_k = apply_rope(lc.cond_k, *cond_rope)
                 return [(k_cache, v_cache), (cond_k, lc.cond_v)]
 
-            x = self.blocks[str(i)](tokens, e6, rope, kv_fn, lc.text_k, lc.text_v)
-            if i in self.inject_at:
+            inject = i in self.inject_at
+            x = self.blocks[str(i)](tokens, e6, rope, kv_fn, lc.text_k, lc.text_v, round_out=not inject, kv_rows=rows)
+            if inject:
                 x = self.inject_audio(self.inject_at[i], x, inp)
-            tokens = x.to(self.dtype)
+            tokens = x
         return tokens
 
     def inject_audio(self, j: int, x: torch.Tensor, inp: BlockInputs) -> torch.Tensor:
-        """Per latent frame: AdaLN on the audio global vector, cross-attention to its 5 audio tokens."""
-        attn = self.audio_injector.injector[str(j)]
-        adain = self.audio_injector.injector_adain_layers[str(j)]
-        frames = x.shape[0] // inp.tokens_per_frame
-        xf = x.unflatten(0, (frames, inp.tokens_per_frame))
-        s = adain(xf, inp.audio_global.to(self.dtype)).to(self.dtype)
-        k, v = attn.key_value(inp.audio_tokens.to(self.dtype))
-        out = attn.output(attention(attn.query(s), k, v))
-        return (xf.float() + out.float()).flatten(0, 1)
+        """Per latent frame: AdaLN on the audio global vector, cross-attention to its 5 audio tokens.
+        x is the block's float32 output; the result is rounded to the weights' dtype (the layer's end)."""
+        return audio_injection(self.audio_injector.injector[str(j)], self.audio_injector.injector_adain_layers[str(j)],
+                            x, inp.audio_global, inp.audio_tokens, inp.tokens_per_frame, self.dtype)
 
     # ----- last stage: head ---------------------------------------------------------------------
 
@@ -509,17 +547,27 @@ class LiveAvatarDiT(nn.Module):
         return out.permute(6, 0, 3, 1, 4, 2, 5).reshape(self.cfg.out_dim, frames * pt, rows * ph, cols * pw)
 
 
+def audio_injection(attn: Attention, adain: AdaLayerNorm, x: torch.Tensor, audio_global: torch.Tensor,
+                 audio_tokens: torch.Tensor, tokens_per_frame: int, dtype: torch.dtype) -> torch.Tensor:
+    xf = x.unflatten(0, (x.shape[0] // tokens_per_frame, tokens_per_frame))
+    s = adain(xf, audio_global.to(dtype)).to(dtype)
+    k, v = attn.key_value(audio_tokens.to(dtype))
+    out = attn.output(attention(attn.query(s), k, v))
+    return (xf.float() + out.float()).flatten(0, 1).to(dtype)
+
+
 def compile_model() -> None:
     """torch.compile the per-layer math around the attention kernels (GPU runs; shapes are static per size).
 
     The pre- and post-attention parts fuse normalisation, modulation, activation quantization, RoPE and the
     gates into a few kernels; the conditioning-key RoPE and the segment merge are compiled on their own.
     """
-    global apply_rope, merge_attention
+    global apply_rope, merge_attention, audio_injection
     Block.pre_attention = torch.compile(Block.pre_attention, dynamic=False)
     Block.post_attention = torch.compile(Block.post_attention, dynamic=False)
     apply_rope = torch.compile(apply_rope, dynamic=False)
     merge_attention = torch.compile(merge_attention, dynamic=False)
+    audio_injection = torch.compile(audio_injection, dynamic=False)
 
 
 def fuse_qkv_(model: nn.Module) -> nn.Module:

@@ -13,9 +13,9 @@ import torch
 THETA = 10000.0
 
 
-def axis_frequencies(num_pairs: int) -> torch.Tensor:
+def axis_frequencies(num_pairs: int, device=None) -> torch.Tensor:
     """omega_k = theta^(-k/n), k = 0..n-1, float64."""
-    return 1.0 / torch.pow(THETA, torch.arange(num_pairs, dtype=torch.float64) / num_pairs)
+    return 1.0 / torch.pow(THETA, torch.arange(num_pairs, dtype=torch.float64, device=device) / num_pairs)
 
 
 def rope_table(positions: torch.Tensor, split: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,7 +24,7 @@ def rope_table(positions: torch.Tensor, split: tuple[int, int, int]) -> tuple[to
     positions: int64 [tokens, 3] = (time, height, width) position of each token.
     """
     angles = [
-        positions[:, axis : axis + 1].to(torch.float64) * axis_frequencies(n).to(positions.device)[None, :]
+        positions[:, axis : axis + 1].to(torch.float64) * axis_frequencies(n, positions.device)[None, :]
         for axis, n in enumerate(split)
     ]
     angle = torch.cat(angles, dim=1)
@@ -44,12 +44,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).to(x.dtype)
 
 
-def grid_positions(frames: torch.Tensor | list[int], rows: list[int], cols: list[int]) -> torch.Tensor:
-    """(t, i, j) positions of tokens laid out frame-major, then row, then column."""
-    t = torch.as_tensor(frames, dtype=torch.int64)
-    r = torch.as_tensor(rows, dtype=torch.int64)
-    c = torch.as_tensor(cols, dtype=torch.int64)
-    tt, rr, cc = torch.meshgrid(t, r, c, indexing="ij")
+def grid_positions(frames, rows, cols, device=None) -> torch.Tensor:
+    """(t, i, j) positions of tokens laid out frame-major, then row, then column.
+
+    Each axis is a list, a tensor or a range; ranges are built on `device` directly (no host-to-GPU copy,
+    which would make the host wait for the GPU at every forward)."""
+    def axis(values):
+        if isinstance(values, range) and values.step == 1:
+            return torch.arange(values.start, values.stop, dtype=torch.int64, device=device)
+        return torch.as_tensor(values, dtype=torch.int64, device=device)
+
+    tt, rr, cc = torch.meshgrid(axis(frames), axis(rows), axis(cols), indexing="ij")
     return torch.stack((tt.flatten(), rr.flatten(), cc.flatten()), dim=1)
 
 

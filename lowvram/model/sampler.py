@@ -75,6 +75,7 @@ class Stream:
         self.block_tokens = cfg.frames_per_block * self.fsl
         self.draws = draws or ShiftDraws(cfg)
         self.timesteps, self.sigmas = flow_schedule(cfg.num_steps, cfg.scheduler_shift)
+        self.timesteps = self.timesteps.to(next(model.parameters()).device)
         self.kv_dtype = kv_dtype or model.dtype
         self.kv: list[StepKV | None] = [None] * cfg.num_steps  # allocated on first use of each step
         if kv_offload:  # every step's cache in host RAM, streamed layer by layer
@@ -98,7 +99,7 @@ class Stream:
         text = m.embed_text(cond.context.to(dev))
         tokens, positions, n_ref = m.embed_cond(cond.ref_latents.to(dev), cond.motion_latents.to(dev))
         _, e6_zero = m.time_modulation(torch.zeros(1, device=tokens.device))
-        cache = CondCache(positions=positions, num_ref_tokens=n_ref)
+        cache = CondCache(positions=positions.to(dev), num_ref_tokens=n_ref)
         m.prefill_layers(tokens, e6_zero, positions, m.text_kv(text), cache)
         return cache
 
@@ -110,20 +111,27 @@ class Stream:
             self.kv[step] = StepKV(self.model.layer_ids, capacity, cfg.num_heads, cfg.head_dim, self.kv_dtype, device)
         return self.kv[step]
 
-    @torch.no_grad()
-    def forward(self, x, step: int, audio_input, cond_states, start: int, relative_dist: int | None = None):
-        """One model call: block latent x [16, F, h, w] at denoising step `step` -> velocity (float32)."""
+    def block_inputs(self, frames: int, step: int, audio_input, start: int, relative_dist: int | None = None):
+        """What every layer needs for one model call (BlockInputs) and the head's time embedding e."""
         m, cfg = self.model, self.cfg
         dev = next(m.parameters()).device
-        x, audio_input, cond_states = x.to(dev), audio_input.to(dev), cond_states.to(dev)
-        frames = x.shape[1]
-        t = self.timesteps[step].expand(frames).to(x.device)
+        t = self.timesteps.to(dev)[step].expand(frames)  # (a no-op once the schedule is on the device)
         e, e6 = m.time_modulation(t)
-        audio_global, audio_tokens = m.encode_audio(audio_input)
+        audio_global, audio_tokens = m.encode_audio(audio_input.to(dev))
         rd = self.draws(start // self.block_tokens, step) if relative_dist is None else relative_dist
         inp = BlockInputs(e6=e6, audio_global=audio_global, audio_tokens=audio_tokens, start=start,
                           ref_shift=reference_shift(cfg, start // self.fsl, rd),
                           tokens_per_frame=self.fsl, grid=self.grid)
+        return inp, e
+
+    @torch.no_grad()
+    def forward(self, x, step: int, audio_input, cond_states, start: int, relative_dist: int | None = None):
+        """One model call: block latent x [16, F, h, w] at denoising step `step` -> velocity (float32)."""
+        m = self.model
+        dev = next(m.parameters()).device
+        x, cond_states = x.to(dev), cond_states.to(dev)
+        frames = x.shape[1]
+        inp, e = self.block_inputs(frames, step, audio_input, start, relative_dist)
         tokens = m.embed_noisy(x, cond_states)
         tokens = m.run_layers(tokens, inp, self.cond, self.step_kv(step))
         return m.head_out(tokens, e, (frames, *self.grid))

@@ -153,6 +153,7 @@ class StageRunner:
         self.fsl = self.grid[0] * self.grid[1]
         self.block_tokens = cfg.frames_per_block * self.fsl
         self.timesteps, self.sigmas = flow_schedule(cfg.num_steps, cfg.scheduler_shift)
+        self.timesteps_on_device = self.timesteps.to(self.device)  # no host-to-GPU copy (and wait) per forward
         self.draws = ShiftDraws(cfg, seed=inputs.seed)
         self.kv_dtype = kv_dtype or self.dtype
         capacity = cfg.blocks_per_clip * self.block_tokens
@@ -225,7 +226,7 @@ class StageRunner:
                 [((cfg.text_len, cfg.dim), self.dtype), ((n_tok, cfg.dim), self.dtype), ((n_tok, 3), torch.int64),
                  ((1, 6, cfg.dim), torch.float32)], topo.peer(topo.stage - 1))
             n_ref = int(meta[1])
-        cache = CondCache(positions=positions, num_ref_tokens=n_ref)
+        cache = CondCache(positions=positions.to(self.device), num_ref_tokens=n_ref)
         tokens = m.prefill_layers(tokens, e6_zero, positions, m.text_kv(text), cache)
         if not topo.last:
             self.channel.send([meta, text, tokens, positions, e6_zero], topo.peer(topo.stage + 1))
@@ -259,7 +260,7 @@ class StageRunner:
                     x = self.latents.pop(b)
                 else:
                     x, = self.channel.recv(self.latent_spec(), topo.peer(topo.pp - 1))
-                t = self.timesteps[s].expand(cfg.frames_per_block).to(self.device)
+                t = self.timesteps_on_device[s].expand(cfg.frames_per_block)
                 e, e6 = m.time_modulation(t)
                 audio = self.inputs.block_audio(b, cfg.frames_per_block).to(self.device)
                 audio_global, audio_tokens = m.encode_audio(audio)

@@ -28,19 +28,28 @@ class WorkerSpec:
     lora: str | None = None
     quantized: bool = False
     ref_update: bool = False  # swap the reference after clip 0 (upstream's multi-GPU behaviour)
+    compile: bool = False  # torch.compile the per-layer math (CUDA only)
 
 
 def load_stage(spec: WorkerSpec, topo, device):
+    """This rank's slice of the DiT, ready to run: q/k/v fused into one GEMM, compiled if asked (CUDA)."""
+    from lowvram.model.dit import compile_model, fuse_qkv_
+
     cfg = DiTConfig.from_dict(spec.cfg)
     layers = spec.stages[topo.stage]
     if spec.quantized:
         from lowvram.quantize import load_quantized_stage
 
-        return load_quantized_stage(spec.source, cfg, topo, layers, device=device)
-    from lowvram.parallel.stage import build_stage_from_checkpoint
+        model = load_quantized_stage(spec.source, cfg, topo, layers, device=device)
+    else:
+        from lowvram.parallel.stage import build_stage_from_checkpoint
 
-    return build_stage_from_checkpoint(spec.source, cfg, topo, layers, device=device, dtype=DTYPES[spec.dtype],
-                                       lora=spec.lora)
+        model = build_stage_from_checkpoint(spec.source, cfg, topo, layers, device=device, dtype=DTYPES[spec.dtype],
+                                            lora=spec.lora)
+    fuse_qkv_(model)
+    if spec.compile and torch.device(device).type == "cuda":
+        compile_model()
+    return model
 
 
 def device_for(spec: WorkerSpec, rank: int) -> torch.device:
