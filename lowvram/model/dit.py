@@ -388,6 +388,7 @@ class LiveAvatarDiT(nn.Module):
         self.inject_at = {layer: j for j, layer in enumerate(cfg.audio_inject_layers) if layer in self.layer_ids}
         if head:
             self.head = Head(cfg)
+        self._block_rope: tuple = (None, None)  # (key, table) of the last block's noisy-token RoPE
 
     @property
     def dtype(self) -> torch.dtype:
@@ -492,10 +493,13 @@ class LiveAvatarDiT(nn.Module):
         frames = tokens // inp.tokens_per_frame
         f0 = inp.start // inp.tokens_per_frame
         rows, cols = inp.grid
-        positions = grid_positions(range(f0, f0 + frames), range(rows), range(cols), device)
+        key = (f0, frames, rows, cols, str(device))
+        if self._block_rope[0] != key:  # the 4 steps of a block share the noisy tokens' table
+            positions = grid_positions(range(f0, f0 + frames), range(rows), range(cols), device)
+            self._block_rope = (key, rope_table(positions, self.cfg.rope_split))
         cond_pos = cond.positions.to(device, copy=True)
         cond_pos[: cond.num_ref_tokens, 0] += inp.ref_shift
-        return rope_table(positions, self.cfg.rope_split), rope_table(cond_pos, self.cfg.rope_split)
+        return self._block_rope[1], rope_table(cond_pos, self.cfg.rope_split)
 
     def run_layers(self, tokens: torch.Tensor, inp: BlockInputs, cond: CondCache, kv: StepKV,
                    layers: list[int] | None = None, tables: tuple | None = None) -> torch.Tensor:

@@ -8,13 +8,16 @@ float64 for float32 activations, float32 for bf16/fp16 ones (consumer GPUs run f
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 THETA = 10000.0
 
 
+@functools.lru_cache(maxsize=16)
 def axis_frequencies(num_pairs: int, device=None) -> torch.Tensor:
-    """omega_k = theta^(-k/n), k = 0..n-1, float64."""
+    """omega_k = theta^(-k/n), k = 0..n-1, float64 (cached: every forward needs them, on its device)."""
     return 1.0 / torch.pow(THETA, torch.arange(num_pairs, dtype=torch.float64, device=device) / num_pairs)
 
 

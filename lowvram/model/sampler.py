@@ -76,6 +76,8 @@ class Stream:
         self.draws = draws or ShiftDraws(cfg)
         self.timesteps, self.sigmas = flow_schedule(cfg.num_steps, cfg.scheduler_shift)
         self.timesteps = self.timesteps.to(next(model.parameters()).device)
+        self.time_cache: dict[tuple[int, int], tuple] = {}
+        self.audio_cache: tuple = (None, None)  # (audio tensor, its encoding)
         self.kv_dtype = kv_dtype or model.dtype
         self.kv: list[StepKV | None] = [None] * cfg.num_steps  # allocated on first use of each step
         if kv_offload:  # every step's cache in host RAM, streamed layer by layer
@@ -115,9 +117,12 @@ class Stream:
         """What every layer needs for one model call (BlockInputs) and the head's time embedding e."""
         m, cfg = self.model, self.cfg
         dev = next(m.parameters()).device
-        t = self.timesteps.to(dev)[step].expand(frames)  # (a no-op once the schedule is on the device)
-        e, e6 = m.time_modulation(t)
-        audio_global, audio_tokens = m.encode_audio(audio_input.to(dev))
+        if (step, frames) not in self.time_cache:  # the same for every block
+            self.time_cache[step, frames] = m.time_modulation(self.timesteps.to(dev)[step].expand(frames))
+        e, e6 = self.time_cache[step, frames]
+        if self.audio_cache[0] is not audio_input:  # a block's 4 steps pass the same audio tensor
+            self.audio_cache = (audio_input, m.encode_audio(audio_input.to(dev)))
+        audio_global, audio_tokens = self.audio_cache[1]
         rd = self.draws(start // self.block_tokens, step) if relative_dist is None else relative_dist
         inp = BlockInputs(e6=e6, audio_global=audio_global, audio_tokens=audio_tokens, start=start,
                           ref_shift=reference_shift(cfg, start // self.fsl, rd),

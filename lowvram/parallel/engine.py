@@ -154,6 +154,8 @@ class StageRunner:
         self.block_tokens = cfg.frames_per_block * self.fsl
         self.timesteps, self.sigmas = flow_schedule(cfg.num_steps, cfg.scheduler_shift)
         self.timesteps_on_device = self.timesteps.to(self.device)  # no host-to-GPU copy (and wait) per forward
+        self.time_cache: dict[int, tuple] = {}
+        self.audio_cache: dict[int, tuple] = {}
         self.draws = ShiftDraws(cfg, seed=inputs.seed)
         self.kv_dtype = kv_dtype or self.dtype
         capacity = cfg.blocks_per_clip * self.block_tokens
@@ -242,6 +244,20 @@ class StageRunner:
         f = cfg.frames_per_block
         return self.noise[clip][:, within * f : (within + 1) * f].to(self.device)
 
+    def time_modulation(self, s: int):
+        """(e, e6) of step s: the same for every block, so computed once per step."""
+        if s not in self.time_cache:
+            t = self.timesteps_on_device[s].expand(self.cfg.frames_per_block)
+            self.time_cache[s] = self.model.time_modulation(t)
+        return self.time_cache[s]
+
+    def audio_encoding(self, b: int, s: int):
+        """Block b's audio tokens: the same for its 4 steps, so encoded once (dropped after its last step)."""
+        if b not in self.audio_cache:
+            audio = self.inputs.block_audio(b, self.cfg.frames_per_block).to(self.device)
+            self.audio_cache[b] = self.model.encode_audio(audio)
+        return self.audio_cache.pop(b) if s == self.cfg.num_steps - 1 else self.audio_cache[b]
+
     @torch.no_grad()
     def run(self) -> None:
         cond = self.prefill()
@@ -253,6 +269,7 @@ class StageRunner:
             if self.ref_update and (b, s) == (cfg.blocks_per_clip, 0):
                 cond = self.prefill(self.new_reference())
             start = b * self.block_tokens
+            self.select_step(s)  # static fp8 activation scales of this step, before any of its layers run
             if topo.first:
                 if s == 0:
                     x = self.block_noise(b)
@@ -260,17 +277,14 @@ class StageRunner:
                     x = self.latents.pop(b)
                 else:
                     x, = self.channel.recv(self.latent_spec(), topo.peer(topo.pp - 1))
-                t = self.timesteps_on_device[s].expand(cfg.frames_per_block)
-                e, e6 = m.time_modulation(t)
-                audio = self.inputs.block_audio(b, cfg.frames_per_block).to(self.device)
-                audio_global, audio_tokens = m.encode_audio(audio)
+                e, e6 = self.time_modulation(s)
+                audio_global, audio_tokens = self.audio_encoding(b, s)
                 pose = torch.zeros(1, cfg.cond_dim, cfg.frames_per_block, *self.inputs.latent_hw, device=self.device)
                 tokens = m.embed_noisy(x, pose)
                 audio_global, audio_tokens = audio_global.to(self.dtype), audio_tokens.to(self.dtype)
             else:
                 tokens, e6, e, audio_global, audio_tokens, x = self.channel.recv(
                     self.item_spec(), topo.peer(topo.stage - 1))
-            self.select_step(s)
             inp = BlockInputs(e6=e6, audio_global=audio_global, audio_tokens=audio_tokens, start=start,
                               ref_shift=reference_shift(cfg, start // self.fsl, self.draws(b, s)),
                               tokens_per_frame=self.fsl, grid=self.grid)
