@@ -99,3 +99,38 @@ def test_compiled_layers_give_the_eager_latents():
     out = subprocess.run([sys.executable, "-c", COMPILED_VS_EAGER], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert float(out.stdout.strip().splitlines()[-1]) < 1e-3
+
+
+RUNTIME_STAGE = """
+import sys, torch
+sys.path.insert(0, "tests")
+from safetensors.torch import load_file
+from test_parallel import BLOCKS, FIXTURE, fixture_cfg, sequential
+from lowvram.parallel.engine import StageRunner, StreamInputs, Topology
+from lowvram.parallel.stage import stage_layers
+from lowvram.parallel.worker import WorkerSpec, load_stage
+
+cfg = fixture_cfg()
+case = load_file(FIXTURE / "case_c.safetensors")
+audio = torch.randn(1, 25, cfg.audio_dim, 4 * cfg.frames_per_block * BLOCKS, generator=torch.Generator().manual_seed(5))
+inputs = StreamInputs(context=case["context"], ref_latents=case["ref_latents"], motion_latents=case["motion_latents"],
+                      audio=audio, num_blocks=BLOCKS, seed=7, latent_hw=tuple(case["initial_noise"].shape[-2:]))
+spec = WorkerSpec(source=str(FIXTURE / "weights.safetensors"), cfg=cfg.to_dict(), tp=1, pp=1,
+                  stages=stage_layers(cfg, 1), inputs_path="", device="cuda", dtype="float32", compile=True)
+model = load_stage(spec, Topology(), torch.device("cuda"))
+assert all(b.self_attn.qkv is not None for b in model.blocks.values())
+got = {}
+StageRunner(model, Topology(), inputs, on_latent=lambda b, x: got.__setitem__(b, x)).run()
+ref = sequential(inputs, ref_update=False)
+print((torch.stack([got[b] for b in range(BLOCKS)]) - ref).abs().max().item())
+"""
+
+
+def test_runtime_stage_on_cuda_fused_and_compiled_matches_the_cpu_stream():
+    """What `lowvram run` does on a GPU (load_stage: q/k/v fused, layers compiled) = the CPU sampler."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", RUNTIME_STAGE], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.strip().splitlines()[-1]) < 1e-3

@@ -140,3 +140,17 @@ def test_causal_conv1d_as_one_gemm_equals_the_conv(stride):
     x = torch.randn(4, 24, 17)
     ref = conv.conv(F.pad(x, (2, 0), mode="replicate"))
     torch.testing.assert_close(conv(x), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_is_bit_equal_to_the_pairwise_rotation(dtype):
+    from lowvram.model.rope import apply_rope, grid_positions, rope_table
+
+    torch.manual_seed(0)
+    x = torch.randn(50, 4, 16).to(dtype)
+    cos, sin = rope_table(grid_positions(range(2), range(5), range(5)), (4, 2, 2))
+    math_dtype = torch.float64 if dtype == torch.float32 else torch.float32
+    re, im = x.to(math_dtype).unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos.to(math_dtype)[:, None], sin.to(math_dtype)[:, None]
+    expected = torch.stack((re * c - im * s, re * s + im * c), dim=-1).flatten(-2).to(dtype)
+    assert torch.equal(apply_rope(x, cos, sin), expected)

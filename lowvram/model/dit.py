@@ -567,6 +567,9 @@ def compile_model() -> None:
     gates into a few kernels; the conditioning-key RoPE and the segment merge are compiled on their own.
     """
     global apply_rope, merge_attention, audio_injection
+    # Each weight format, prefill/steady and injector/plain layer is its own graph; dynamo's default of 8 per
+    # function would silently fall back to eager in a process that runs several (benchmarks, tests).
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     Block.pre_attention = torch.compile(Block.pre_attention, dynamic=False)
     Block.post_attention = torch.compile(Block.post_attention, dynamic=False)
     apply_rope = torch.compile(apply_rope, dynamic=False)
