@@ -262,6 +262,9 @@ def bench(
 
 def main() -> None:
     """Console entry point: a LowvramError prints one line (no traceback) and sets the exit code."""
+    # Growable allocator segments: the 24 GB layouts are planned to ~1 GiB of headroom, which fragmentation of
+    # fixed segments can eat (measured: 3.5 GiB reserved but unused at the moment of an OOM under a 24 GiB cap).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     try:
         app(standalone_mode=False)
     except LowvramError as err:
@@ -275,17 +278,29 @@ def main() -> None:
     except SystemExit:
         raise
     except Exception as err:  # click usage errors and the like
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
+        exceptions = click_exception_modules()
+        if any(isinstance(err, m.ClickException) for m in exceptions):
             err.show()
             sys.exit(err.exit_code)
-        if isinstance(err, click.exceptions.Exit):
+        if any(isinstance(err, m.Exit) for m in exceptions):
             sys.exit(err.exit_code)
-        if isinstance(err, click.exceptions.Abort):
+        if any(isinstance(err, m.Abort) for m in exceptions):
             print("aborted", file=sys.stderr)
             sys.exit(130)
         raise
+
+
+def click_exception_modules() -> list:
+    """click's exception classes: typer >= 0.2x raises those of its vendored copy (typer._click), older ones click's."""
+    import importlib
+
+    found = []
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            found.append(importlib.import_module(name))
+        except ImportError:
+            pass
+    return found
 
 
 if __name__ == "__main__":

@@ -75,3 +75,9 @@ def test_bad_gpus_spec_is_one_line(sparse_14b):
     r = subprocess.run([sys.executable, "-m", "lowvram.cli", "plan", str(sparse_14b), "--gpus", "four"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "COUNTxGiB" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "plan", "inspect", "quantize"])
+def test_a_missing_argument_is_a_usage_error_not_a_traceback(command):
+    r = subprocess.run([sys.executable, "-m", "lowvram.cli", command], capture_output=True, text=True)
+    assert r.returncode == 2 and "Missing" in r.stderr and "Traceback" not in r.stderr, r.stderr[-500:]

@@ -149,6 +149,7 @@ class Stream:
         clip_tokens = self.cfg.blocks_per_clip * self.block_tokens
         if self.ref_update and start == clip_tokens:
             c = self.conditioning
+            self.cond = None  # free the old conditioning cache before building the new one
             self.cond = self.prefill(Conditioning(c.context, self.first_frame, c.motion_latents))
         for i in range(self.cfg.num_steps):
             v = self.forward(x, i, audio_input, cond_states, start)

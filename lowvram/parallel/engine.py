@@ -267,7 +267,9 @@ class StageRunner:
             if self.kill_after is not None and n >= self.kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
             if self.ref_update and (b, s) == (cfg.blocks_per_clip, 0):
-                cond = self.prefill(self.new_reference())
+                ref = self.new_reference()
+                cond = None  # free the old conditioning cache first: two at once cost ~2.4 GiB at the full size
+                cond = self.prefill(ref)
             start = b * self.block_tokens
             self.select_step(s)  # static fp8 activation scales of this step, before any of its layers run
             if topo.first:

@@ -1,0 +1,93 @@
+"""The runtime's own loop at the real size on one GPU: what `lowvram run` gets per block, not a bare forward.
+
+    PYTHONPATH=. python benchmarks/runtime.py [--format fp8] [--act static] [--kv fp8] [--offload --cap-gib 24]
+
+Random weights at the real shapes (q/k/v fused and layers compiled, as `load_stage` does) and random
+conditioning at 704x384 run through `StageRunner` with the runtime's defaults (tp1 x pp1, reference swap after
+clip 0). Each block's wall time is taken when its clean latent reaches the host, so it includes everything the
+loop does between forwards. T5, wav2vec2 and the VAE are not run (their costs are measured elsewhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as `lowvram` sets it
+
+import torch  # noqa: E402
+
+from benchmarks.fullsize import LAT_HW, block_inputs, build_model, calibrate_static_scales, conditioning
+from lowvram.model.config import s2v_14b
+from lowvram.model.dit import compile_model
+from lowvram.model.sampler import Stream
+from lowvram.parallel.engine import StageRunner, StreamInputs, Topology
+from lowvram.plan import GiB, RunShape, plan_layouts
+
+VIDEO_FRAMES_PER_BLOCK = 12  # 3 latent frames, 4 video frames each
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--format", default="fp8")
+    ap.add_argument("--act", choices=["dynamic", "static"], default="dynamic")
+    ap.add_argument("--kv", choices=["bf16", "fp8"], default="bf16")
+    ap.add_argument("--offload", action="store_true", help="the step caches in pinned host RAM (one 24 GB card)")
+    ap.add_argument("--cap-gib", type=float, default=None, help="per-process GPU memory cap, e.g. 24")
+    ap.add_argument("--blocks", type=int, default=8, help="blocks to generate (4 per clip; steady from block 5)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("error: benchmarks/runtime.py needs a CUDA GPU")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    cfg = s2v_14b()
+    if args.blocks < cfg.blocks_per_clip + 2:
+        sys.exit(f"error: --blocks {args.blocks}: use at least {cfg.blocks_per_clip + 2} to reach the steady state")
+    model = build_model(cfg, args.format)
+    cond = conditioning(cfg)
+    if args.act == "static":
+        x, audio, pose = block_inputs(cfg)
+        stream = Stream(model, cond, LAT_HW)
+        calibrate_static_scales(model, lambda: stream.forward(x, 0, audio, pose, 0, 10))
+        del stream
+        torch.cuda.empty_cache()
+    compile_model()
+    if args.cap_gib:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2**30 / total))
+    torch.cuda.reset_peak_memory_stats()
+    g = torch.Generator().manual_seed(3)
+    inputs = StreamInputs(context=cond.context.cpu(), ref_latents=cond.ref_latents.cpu(),
+                          motion_latents=cond.motion_latents.cpu(),
+                          audio=torch.randn(1, cfg.audio_layers, cfg.audio_dim, 4 * cfg.frames_per_block * args.blocks,
+                                            generator=g),
+                          num_blocks=args.blocks, seed=0, latent_hw=LAT_HW)
+    arrivals = []
+    t0 = time.perf_counter()
+    runner = StageRunner(model, Topology(), inputs, ref_update=True, kv_offload=args.offload,
+                         kv_dtype=torch.float8_e4m3fn if args.kv == "fp8" else None,
+                         on_latent=lambda b, x: arrivals.append(time.perf_counter()))
+    runner.run()
+    block_s = [b - a for a, b in zip([t0] + arrivals[:-1], arrivals)]
+    # Steady state: the ring buffer is full and the clip-1 re-prefill (block 4) is behind.
+    steady = block_s[cfg.blocks_per_clip + 1:]
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "format": args.format, "act": args.act,
+           "kv": args.kv, "offload": args.offload, "cap_GiB": args.cap_gib,
+           "first_block_s_incl_prefill_and_compile": round(block_s[0], 2),
+           "block_s": [round(s, 3) for s in block_s],
+           "steady_s_per_block": round(statistics.median(steady), 3),
+           "fps": round(VIDEO_FRAMES_PER_BLOCK / statistics.median(steady), 1),
+           "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+    if args.cap_gib:  # the planner's peak for this layout on one card of that size
+        mode = "offload" if args.offload else "resident"
+        lay = next((l for l in plan_layouts(cfg, f"1x{args.cap_gib:g}", RunShape(704, 384, 1 if args.kv == "fp8" else 2),
+                                            args.format, gpu_model="h100") if l.mode == mode), None)
+        res["planned_peak_GiB"] = round(lay.peak_bytes / GiB, 2) if lay else None
+    print(json.dumps(res), flush=True)
+
+
+if __name__ == "__main__":
+    main()
