@@ -134,3 +134,47 @@ def test_runtime_stage_on_cuda_fused_and_compiled_matches_the_cpu_stream():
     out = subprocess.run([sys.executable, "-c", RUNTIME_STAGE], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert float(out.stdout.strip().splitlines()[-1]) < 1e-3
+
+
+TP_COMPILED = """
+import sys, torch
+sys.path.insert(0, "tests")
+from safetensors.torch import load_file
+from test_parallel import BLOCKS, FIXTURE, fixture_cfg, sequential
+from lowvram.parallel.engine import StreamInputs
+from lowvram.parallel.launch import spawn
+from lowvram.parallel.stage import stage_layers
+from lowvram.parallel.worker import WorkerSpec, run_worker
+
+if __name__ == "__main__":
+    cfg = fixture_cfg()
+    case = load_file(FIXTURE / "case_c.safetensors")
+    audio = torch.randn(1, 25, cfg.audio_dim, 4 * cfg.frames_per_block * BLOCKS,
+                        generator=torch.Generator().manual_seed(5))
+    inputs = StreamInputs(context=case["context"], ref_latents=case["ref_latents"],
+                          motion_latents=case["motion_latents"], audio=audio, num_blocks=BLOCKS, seed=7,
+                          latent_hw=tuple(case["initial_noise"].shape[-2:]))
+    path = sys.argv[1] + "/inputs.pt"
+    torch.save(inputs, path)
+    spec = WorkerSpec(source=str(FIXTURE / "weights.safetensors"), cfg=cfg.to_dict(), tp=2, pp=1,
+                      stages=stage_layers(cfg, 1), inputs_path=path, device="cuda", dtype="float32", compile=True)
+    got = {}
+    spawn(run_worker, (spec,), 2, "gloo",
+          lambda kind, rank, p: got.__setitem__(p[0], torch.from_numpy(p[1])) if kind == "latent" else None)
+    ref = sequential(inputs, ref_update=False)
+    print((torch.stack([got[b] for b in range(BLOCKS)]) - ref).abs().max().item())
+"""
+
+
+def test_tensor_parallel_compiled_layers_match_the_cpu_stream(tmp_path):
+    """tp=2 with the layers compiled (the all-reduces inside compiled graphs), both ranks on this GPU over gloo
+    (NCCL refuses two ranks on one device): the same latents as the single-process CPU sampler."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "tp_compiled.py"
+    script.write_text(TP_COMPILED)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=600,
+                         cwd=str(__import__("pathlib").Path(__file__).parent.parent))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert float(out.stdout.strip().splitlines()[-1]) < 1e-3
