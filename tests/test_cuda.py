@@ -78,6 +78,20 @@ def test_fp8_attention_kernel_is_close_to_exact():
         assert rel < 0.05, rel  # fp8 scores: ~2-3 % relative error on random inputs (bf16 SDPA: ~0.3 %)
 
 
+
+def max_difference_of(script: str, *args: str) -> float:
+    """Run a script in a fresh interpreter from the repo root (compile_model() changes module-level functions for
+    the whole process) and return the max difference it prints last."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=600,
+                         cwd=str(Path(__file__).parent.parent))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 COMPILED_VS_EAGER = """
 import sys, torch
 sys.path.insert(0, "tests")
@@ -91,30 +105,19 @@ print((compiled - eager).abs().max().item())
 
 
 def test_compiled_layers_give_the_eager_latents():
-    """The compiled per-layer math (fused ring-buffer writes, merge, audio injection) = eager, over a ring wrap.
-    A subprocess: compile_model() swaps module-level functions for the whole process."""
-    import subprocess
-    import sys
-
-    out = subprocess.run([sys.executable, "-c", COMPILED_VS_EAGER], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert float(out.stdout.strip().splitlines()[-1]) < 1e-3
+    """The compiled per-layer math (fused ring-buffer writes, merge, audio injection) = eager, over a ring wrap."""
+    assert max_difference_of(COMPILED_VS_EAGER) < 1e-3
 
 
 RUNTIME_STAGE = """
 import sys, torch
 sys.path.insert(0, "tests")
-from safetensors.torch import load_file
-from test_parallel import BLOCKS, FIXTURE, fixture_cfg, sequential
-from lowvram.parallel.engine import StageRunner, StreamInputs, Topology
+from test_parallel import BLOCKS, FIXTURE, fixture_cfg, fixture_inputs, sequential
+from lowvram.parallel.engine import StageRunner, Topology
 from lowvram.parallel.stage import stage_layers
 from lowvram.parallel.worker import WorkerSpec, load_stage
 
-cfg = fixture_cfg()
-case = load_file(FIXTURE / "case_c.safetensors")
-audio = torch.randn(1, 25, cfg.audio_dim, 4 * cfg.frames_per_block * BLOCKS, generator=torch.Generator().manual_seed(5))
-inputs = StreamInputs(context=case["context"], ref_latents=case["ref_latents"], motion_latents=case["motion_latents"],
-                      audio=audio, num_blocks=BLOCKS, seed=7, latent_hw=tuple(case["initial_noise"].shape[-2:]))
+cfg, inputs = fixture_cfg(), fixture_inputs()
 spec = WorkerSpec(source=str(FIXTURE / "weights.safetensors"), cfg=cfg.to_dict(), tp=1, pp=1,
                   stages=stage_layers(cfg, 1), inputs_path="", device="cuda", dtype="float32", compile=True)
 model = load_stage(spec, Topology(), torch.device("cuda"))
@@ -128,32 +131,19 @@ print((torch.stack([got[b] for b in range(BLOCKS)]) - ref).abs().max().item())
 
 def test_runtime_stage_on_cuda_fused_and_compiled_matches_the_cpu_stream():
     """What `lowvram run` does on a GPU (load_stage: q/k/v fused, layers compiled) = the CPU sampler."""
-    import subprocess
-    import sys
-
-    out = subprocess.run([sys.executable, "-c", RUNTIME_STAGE], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert float(out.stdout.strip().splitlines()[-1]) < 1e-3
+    assert max_difference_of(RUNTIME_STAGE) < 1e-3
 
 
 TP_COMPILED = """
 import sys, torch
 sys.path.insert(0, "tests")
-from safetensors.torch import load_file
-from test_parallel import BLOCKS, FIXTURE, fixture_cfg, sequential
-from lowvram.parallel.engine import StreamInputs
+from test_parallel import BLOCKS, FIXTURE, fixture_cfg, fixture_inputs, sequential
 from lowvram.parallel.launch import spawn
 from lowvram.parallel.stage import stage_layers
 from lowvram.parallel.worker import WorkerSpec, run_worker
 
 if __name__ == "__main__":
-    cfg = fixture_cfg()
-    case = load_file(FIXTURE / "case_c.safetensors")
-    audio = torch.randn(1, 25, cfg.audio_dim, 4 * cfg.frames_per_block * BLOCKS,
-                        generator=torch.Generator().manual_seed(5))
-    inputs = StreamInputs(context=case["context"], ref_latents=case["ref_latents"],
-                          motion_latents=case["motion_latents"], audio=audio, num_blocks=BLOCKS, seed=7,
-                          latent_hw=tuple(case["initial_noise"].shape[-2:]))
+    cfg, inputs = fixture_cfg(), fixture_inputs()
     path = sys.argv[1] + "/inputs.pt"
     torch.save(inputs, path)
     spec = WorkerSpec(source=str(FIXTURE / "weights.safetensors"), cfg=cfg.to_dict(), tp=2, pp=1,
@@ -169,12 +159,4 @@ if __name__ == "__main__":
 def test_tensor_parallel_compiled_layers_match_the_cpu_stream(tmp_path):
     """tp=2 with the layers compiled (the all-reduces inside compiled graphs), both ranks on this GPU over gloo
     (NCCL refuses two ranks on one device): the same latents as the single-process CPU sampler."""
-    import subprocess
-    import sys
-
-    script = tmp_path / "tp_compiled.py"
-    script.write_text(TP_COMPILED)
-    out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=600,
-                         cwd=str(__import__("pathlib").Path(__file__).parent.parent))
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert float(out.stdout.strip().splitlines()[-1]) < 1e-3
+    assert max_difference_of(TP_COMPILED, str(tmp_path)) < 1e-3

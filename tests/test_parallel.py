@@ -25,15 +25,20 @@ def fixture_cfg():
     return DiTConfig.from_dict({**fx["model"], "blocks_per_clip": fx["pipeline"]["num_blocks"]})
 
 
-@pytest.fixture(scope="module")
-def stream_inputs(tmp_path_factory):
+def fixture_inputs() -> StreamInputs:
+    """The fixture's conditioning (case c) with seeded audio for BLOCKS blocks."""
     case = load_file(FIXTURE / "case_c.safetensors")
     cfg = fixture_cfg()
     g = torch.Generator().manual_seed(5)
     audio = torch.randn(1, 25, cfg.audio_dim, 4 * cfg.frames_per_block * BLOCKS, generator=g)
-    inputs = StreamInputs(context=case["context"], ref_latents=case["ref_latents"],
-                          motion_latents=case["motion_latents"], audio=audio, num_blocks=BLOCKS, seed=7,
-                          latent_hw=tuple(case["initial_noise"].shape[-2:]))
+    return StreamInputs(context=case["context"], ref_latents=case["ref_latents"],
+                        motion_latents=case["motion_latents"], audio=audio, num_blocks=BLOCKS, seed=7,
+                        latent_hw=tuple(case["initial_noise"].shape[-2:]))
+
+
+@pytest.fixture(scope="module")
+def stream_inputs(tmp_path_factory):
+    inputs = fixture_inputs()
     path = tmp_path_factory.mktemp("run") / "inputs.pt"
     torch.save(inputs, path)
     return inputs, path
