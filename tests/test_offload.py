@@ -52,3 +52,22 @@ def test_prefetch_runs_one_layer_ahead():
         assert events.index(f"prefetch {b}") > events.index(f"prefetch {a}")
         assert events.index(f"prefetch {b}") < events.index(f"write-back {b}")
     assert events[0] == f"prefetch {layers[0]}"
+
+
+def test_stream_encodes_a_blocks_audio_once_and_time_once_per_step():
+    _, stream = sample(False, blocks=1)
+    calls = []
+    encode, modulate = stream.model.encode_audio, stream.model.time_modulation
+    stream.model.encode_audio = lambda a: calls.append("audio") or encode(a)
+    stream.model.time_modulation = lambda t: calls.append("time") or modulate(t)
+    audio = torch.randn(1, 25, 32, 12)
+    start = stream.block_tokens
+    for step in range(4):  # one block: 4 steps, the same audio tensor
+        stream.block_inputs(3, step, audio, start)
+    assert calls.count("audio") == 1 and calls.count("time") == 0  # steps' time embedding cached by block 0
+    other = audio.clone()
+    inp, _ = stream.block_inputs(3, 0, other, start)  # another tensor: encoded again
+    assert calls.count("audio") == 2
+    stream.block_inputs(3, 0, other, 2 * start)  # the next block (a reused buffer): encoded again
+    assert calls.count("audio") == 3
+    torch.testing.assert_close(inp.audio_global, stream.model.casual_audio_encoder(other)[0])

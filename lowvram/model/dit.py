@@ -535,8 +535,9 @@ class LiveAvatarDiT(nn.Module):
     def inject_audio(self, j: int, x: torch.Tensor, inp: BlockInputs) -> torch.Tensor:
         """Per latent frame: AdaLN on the audio global vector, cross-attention to its 5 audio tokens.
         x is the block's float32 output; the result is rounded to the weights' dtype (the layer's end)."""
-        return audio_injection(self.audio_injector.injector[str(j)], self.audio_injector.injector_adain_layers[str(j)],
-                            x, inp.audio_global, inp.audio_tokens, inp.tokens_per_frame, self.dtype)
+        injector = self.audio_injector
+        return audio_injection(injector.injector[str(j)], injector.injector_adain_layers[str(j)], x, inp.audio_global,
+                               inp.audio_tokens, inp.tokens_per_frame, self.dtype)
 
     # ----- last stage: head ---------------------------------------------------------------------
 
@@ -552,12 +553,15 @@ class LiveAvatarDiT(nn.Module):
 
 
 def audio_injection(attn: Attention, adain: AdaLayerNorm, x: torch.Tensor, audio_global: torch.Tensor,
-                 audio_tokens: torch.Tensor, tokens_per_frame: int, dtype: torch.dtype) -> torch.Tensor:
+                    audio_tokens: torch.Tensor, tokens_per_frame: int, dtype: torch.dtype) -> torch.Tensor:
     xf = x.unflatten(0, (x.shape[0] // tokens_per_frame, tokens_per_frame))
     s = adain(xf, audio_global.to(dtype)).to(dtype)
     k, v = attn.key_value(audio_tokens.to(dtype))
     out = attn.output(attention(attn.query(s), k, v))
     return (xf.float() + out.float()).flatten(0, 1).to(dtype)
+
+
+_compiled = False
 
 
 def compile_model() -> None:
@@ -566,7 +570,10 @@ def compile_model() -> None:
     The pre- and post-attention parts fuse normalisation, modulation, activation quantization, RoPE and the
     gates into a few kernels; the conditioning-key RoPE and the segment merge are compiled on their own.
     """
-    global apply_rope, merge_attention, audio_injection
+    global apply_rope, merge_attention, audio_injection, _compiled
+    if _compiled:  # once per process: wrapping the compiled functions again would only add a layer
+        return
+    _compiled = True
     # Each weight format, prefill/steady and injector/plain layer is its own graph; dynamo's default of 8 per
     # function would silently fall back to eager in a process that runs several (benchmarks, tests).
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)

@@ -77,7 +77,7 @@ class Stream:
         self.timesteps, self.sigmas = flow_schedule(cfg.num_steps, cfg.scheduler_shift)
         self.timesteps = self.timesteps.to(next(model.parameters()).device)
         self.time_cache: dict[tuple[int, int], tuple] = {}
-        self.audio_cache: tuple = (None, None)  # (audio tensor, its encoding)
+        self.audio_cache: tuple = ((None, None), None)  # ((block start, audio tensor), its encoding)
         self.kv_dtype = kv_dtype or model.dtype
         self.kv: list[StepKV | None] = [None] * cfg.num_steps  # allocated on first use of each step
         if kv_offload:  # every step's cache in host RAM, streamed layer by layer
@@ -120,9 +120,11 @@ class Stream:
         if (step, frames) not in self.time_cache:  # the same for every block
             self.time_cache[step, frames] = m.time_modulation(self.timesteps.to(dev)[step].expand(frames))
         e, e6 = self.time_cache[step, frames]
-        if self.audio_cache[0] is not audio_input:  # a block's 4 steps pass the same audio tensor
-            self.audio_cache = (audio_input, m.encode_audio(audio_input.to(dev)))
-        audio_global, audio_tokens = self.audio_cache[1]
+        (cached_start, cached_audio), encoded = self.audio_cache
+        if cached_start != start or cached_audio is not audio_input:  # a block's 4 steps: encode its audio once
+            encoded = m.encode_audio(audio_input.to(dev))
+            self.audio_cache = ((start, audio_input), encoded)
+        audio_global, audio_tokens = encoded
         rd = self.draws(start // self.block_tokens, step) if relative_dist is None else relative_dist
         inp = BlockInputs(e6=e6, audio_global=audio_global, audio_tokens=audio_tokens, start=start,
                           ref_shift=reference_shift(cfg, start // self.fsl, rd),
