@@ -101,3 +101,21 @@ def test_a_rank_killed_mid_run_leaves_a_playable_mp4(tiny_ckpt, tmp_path):
     assert last.startswith("error: rank 1 died (killed by SIGKILL)") and "Traceback" not in r.stderr
     info = read_video_info(out)
     assert info.num_frames == 9 + 12 and info.audio_codec == "aac"  # blocks 0 and 1 were decoded and kept
+
+
+def test_compile_without_triton_warns_once_and_runs_uncompiled(monkeypatch, capsys):
+    import torch.utils._triton
+
+    from lowvram.model import dit
+    from lowvram.parallel.worker import compile_layers
+
+    calls = []
+    monkeypatch.setattr(dit, "compile_model", lambda: calls.append(1))
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)
+    assert compile_layers("cuda", warn=True) is False and not calls
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Triton" in err[0] and "--no-compile" in err[0]
+    assert compile_layers("cuda", warn=False) is False and capsys.readouterr().err == ""  # other ranks: silent
+    assert compile_layers("cpu", warn=True) is False and capsys.readouterr().err == ""  # CPU: never compiled
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
+    assert compile_layers("cuda", warn=True) is True and calls == [1]

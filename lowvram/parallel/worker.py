@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +34,7 @@ class WorkerSpec:
 
 def load_stage(spec: WorkerSpec, topo, device):
     """This rank's slice of the DiT, ready to run: q/k/v fused into one GEMM, compiled if asked (CUDA)."""
-    from lowvram.model.dit import compile_model, fuse_qkv_
+    from lowvram.model.dit import fuse_qkv_
 
     cfg = DiTConfig.from_dict(spec.cfg)
     layers = spec.stages[topo.stage]
@@ -47,9 +48,26 @@ def load_stage(spec: WorkerSpec, topo, device):
         model = build_stage_from_checkpoint(spec.source, cfg, topo, layers, device=device, dtype=DTYPES[spec.dtype],
                                             lora=spec.lora)
     fuse_qkv_(model)
-    if spec.compile and torch.device(device).type == "cuda":
-        compile_model()
+    if spec.compile:
+        compile_layers(torch.device(device).type, warn=topo.rank == 0)
     return model
+
+
+def compile_layers(device_type: str, warn: bool) -> bool:
+    """torch.compile the layers on CUDA; without Triton, say so once and run uncompiled instead of failing."""
+    from torch.utils._triton import has_triton
+
+    from lowvram.model import dit
+
+    if device_type != "cuda":
+        return False
+    if not has_triton():
+        if warn:
+            print("warning: torch.compile needs Triton, which is not installed here: running uncompiled (slower); "
+                  "`pip install triton` to compile, or pass --no-compile to silence this", file=sys.stderr)
+        return False
+    dit.compile_model()
+    return True
 
 
 def device_for(spec: WorkerSpec, rank: int) -> torch.device:
