@@ -1,9 +1,6 @@
 """Calibration sets: clip folders, `lowvram calib make`, DiT inputs from clips, statistics recording."""
 
-import contextlib
-import io
 import json
-import sys
 import wave
 from pathlib import Path
 
@@ -11,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from fixtures import run_cli as cli
 from lowvram.calibration import (
     check_samples, load_calibration, load_clip_set, load_samples, make_clip_set, samples_digest,
     samples_from_clips, save_samples, synthetic_samples,
@@ -19,24 +17,6 @@ from lowvram.errors import InputError
 from lowvram.model.config import tiny
 
 SHARED_CLIPS = Path(__file__).resolve().parents[2] / "shared" / "clips"
-
-
-def cli(*args: str) -> tuple[int, str, str]:
-    from lowvram.cli import main
-
-    err, out = io.StringIO(), io.StringIO()
-    argv = sys.argv
-    sys.argv = ["lowvram", *args]
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-            try:
-                main()
-                code = 0
-            except SystemExit as e:
-                code = int(e.code or 0)
-    finally:
-        sys.argv = argv
-    return code, out.getvalue(), err.getvalue()
 
 
 def one_clear_line(err: str) -> bool:

@@ -6,8 +6,6 @@ fp8 dynamic 0.019, fp8 static (per layer and step) 0.018, int8 SmoothQuant 0.006
 2.5x or more of those. With 2 outlier channels, int8 SmoothQuant 0.009 vs naive per-tensor int8 0.043.
 """
 
-import contextlib
-import io
 import json
 import os
 import subprocess
@@ -18,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from fixtures import run_cli as cli
 from lowvram.calibration import save_samples, synthetic_samples
 from lowvram.checkpoint import build_meta_model, load_state_dict_streaming
 from lowvram.errors import CheckpointError
@@ -40,25 +39,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def cli(*args: str) -> tuple[int, str]:
-    """`lowvram ARGS` in-process through the real entry point; (exit code, stderr)."""
-    from lowvram.cli import main
-
-    err = io.StringIO()
-    argv = sys.argv
-    sys.argv = ["lowvram", *args]
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            try:
-                main()
-                code = 0
-            except SystemExit as e:
-                code = int(e.code or 0)
-    finally:
-        sys.argv = argv
-    return code, err.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +92,7 @@ def quantized(tmp_path_factory, ckpt, calib_dir):
     root = tmp_path_factory.mktemp("q")
     for name, extra in (("fp8", []), ("fp8-static", ["--act", "static"]), ("int8", []), ("int4", [])):
         fmt = name.split("-")[0]
-        code, err = cli("quantize", str(ckpt), "--calib", str(calib_dir), "--format", fmt, "--out",
+        code, _, err = cli("quantize", str(ckpt), "--calib", str(calib_dir), "--format", fmt, "--out",
                         str(root / name), "--device", "cpu", *extra)
         assert code == 0, err
         out[name] = root / name
@@ -211,7 +191,7 @@ def test_smoothquant_int8_beats_naive_per_tensor_int8(outlier_ckpt, cfg, samples
 
 
 def test_keep_bf16_auto_and_names(ckpt, calib_dir, quantized, tmp_path):
-    code, err = cli("quantize", str(ckpt), "--calib", str(calib_dir), "--format", "int4", "--keep-bf16", "auto",
+    code, _, err = cli("quantize", str(ckpt), "--calib", str(calib_dir), "--format", "int4", "--keep-bf16", "auto",
                     "--bf16-budget-mb", "0.1", "--out", str(tmp_path / "auto"), "--device", "cpu", "--no-eval")
     assert code == 0, err
     m = read_manifest(tmp_path / "auto")
@@ -223,7 +203,7 @@ def test_keep_bf16_auto_and_names(ckpt, calib_dir, quantized, tmp_path):
     assert worst in kept  # the most sensitive layer is the first kept
     model = load_quantized(tmp_path / "auto")
     assert all(type(model.get_submodule(n)) is nn.Linear for n in kept)
-    code, err = cli("quantize", str(ckpt), "--calib", str(calib_dir), "--format", "int8", "--keep-bf16",
+    code, _, err = cli("quantize", str(ckpt), "--calib", str(calib_dir), "--format", "int8", "--keep-bf16",
                     "ffn.2,blocks.0.self_attn.*", "--out", str(tmp_path / "names"), "--device", "cpu", "--no-eval")
     assert code == 0, err
     kept = read_manifest(tmp_path / "names")["keep_bf16"]["layers"]
@@ -250,14 +230,14 @@ def test_resume_after_kill_gives_identical_bytes(ckpt, calib_dir, quantized, tmp
     assert "block_002.safetensors" not in names and not any(".tmp-" in n for n in names)
     with pytest.raises(CheckpointError, match="resume"):
         load_quantized(out)  # an unfinished folder is never taken for a finished one
-    code, err = cli(*args)  # the same command resumes
+    code, _, err = cli(*args)  # the same command resumes
     assert code == 0, err
     assert files_of(out) == files_of(quantized["int8"])  # byte-identical to the uninterrupted run
-    code, err = cli(*args)  # finished: verified against the manifest, nothing rewritten
+    code, _, err = cli(*args)  # finished: verified against the manifest, nothing rewritten
     assert code == 0 and "already quantized" in err, err
-    code, err = cli(*args[:-2], "--device", "cpu", "--format", "fp8")
+    code, _, err = cli(*args[:-2], "--device", "cpu", "--format", "fp8")
     assert code != 0 and "--force" in err  # other settings never silently mix into a folder
-    code, err = cli(*args, "--force")  # --force restarts from scratch: same bytes again
+    code, _, err = cli(*args, "--force")  # --force restarts from scratch: same bytes again
     assert code == 0, err
     assert files_of(out) == files_of(quantized["int8"])
 
@@ -276,7 +256,7 @@ def test_interrupted_write_leaves_no_finished_looking_file(tmp_path, monkeypatch
 
 def test_wrong_lora_fails_with_one_line(ckpt, calib_dir, tmp_path):
     other = write_lora(tmp_path / "other.safetensors", tiny(dim=256, num_heads=4))
-    code, err = cli("quantize", str(ckpt), "--calib", str(calib_dir), "--lora", str(other), "--out",
+    code, _, err = cli("quantize", str(ckpt), "--calib", str(calib_dir), "--lora", str(other), "--out",
                     str(tmp_path / "q"), "--device", "cpu")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert "does not fit this model" in err
@@ -285,7 +265,7 @@ def test_wrong_lora_fails_with_one_line(ckpt, calib_dir, tmp_path):
 def test_reshard_round_trip(quantized, tmp_path, cfg):
     src = quantized["int8"]
     two = tmp_path / "tp2"
-    code, err = cli("reshard", str(src), "--tp", "2", "--out", str(two))
+    code, _, err = cli("reshard", str(src), "--tp", "2", "--out", str(two))
     assert code == 0, err
     m = read_manifest(two)
     assert m["tp"]["size"] == 2 and "block_003.tp1of2.safetensors" in m["files"]
@@ -299,7 +279,7 @@ def test_reshard_round_trip(quantized, tmp_path, cfg):
     assert torch.equal(torch.cat([f0.norm_q.weight, f1.norm_q.weight]), fq.norm_q.weight)
     with pytest.raises(CheckpointError, match="reshard"):
         load_quantized(two, layers=[1])  # tp 1 asked of a tp-2 folder
-    code, err = cli("reshard", str(two), "--tp", "1")  # in place, back to one rank
+    code, _, err = cli("reshard", str(two), "--tp", "1")  # in place, back to one rank
     assert code == 0, err
     assert sorted(p.name for p in two.glob("block_*")) == [f"block_00{i}.safetensors" for i in range(4)]
     assert files_of(two) == files_of(src)
