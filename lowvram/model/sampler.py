@@ -75,7 +75,7 @@ class Stream:
         self.block_tokens = cfg.frames_per_block * self.fsl
         self.draws = draws or ShiftDraws(cfg)
         self.timesteps, self.sigmas = flow_schedule(cfg.num_steps, cfg.scheduler_shift)
-        self.timesteps = self.timesteps.to(next(model.parameters()).device)
+        self.timesteps = self.timesteps.to(next(model.parameters()).device)  # no host-to-GPU copy per forward
         self.time_cache: dict[tuple[int, int], tuple] = {}
         self.audio_cache: tuple = ((None, None), None)  # ((block start, audio tensor), its encoding)
         self.kv_dtype = kv_dtype or model.dtype
@@ -118,7 +118,7 @@ class Stream:
         m, cfg = self.model, self.cfg
         dev = next(m.parameters()).device
         if (step, frames) not in self.time_cache:  # the same for every block
-            self.time_cache[step, frames] = m.time_modulation(self.timesteps.to(dev)[step].expand(frames))
+            self.time_cache[step, frames] = m.time_modulation(self.timesteps[step].expand(frames))
         e, e6 = self.time_cache[step, frames]
         (cached_start, cached_audio), encoded = self.audio_cache
         if cached_start != start or cached_audio is not audio_input:  # a block's 4 steps: encode its audio once

@@ -153,7 +153,7 @@ class StageRunner:
         self.fsl = self.grid[0] * self.grid[1]
         self.block_tokens = cfg.frames_per_block * self.fsl
         self.timesteps, self.sigmas = flow_schedule(cfg.num_steps, cfg.scheduler_shift)
-        self.timesteps_on_device = self.timesteps.to(self.device)  # no host-to-GPU copy (and wait) per forward
+        self.timesteps = self.timesteps.to(self.device)  # no host-to-GPU copy (and wait) per forward
         self.time_cache: dict[int, tuple] = {}
         self.audio_cache: dict[int, tuple] = {}
         self.draws = ShiftDraws(cfg, seed=inputs.seed)
@@ -247,7 +247,7 @@ class StageRunner:
     def time_modulation(self, s: int):
         """(e, e6) of step s: the same for every block, so computed once per step."""
         if s not in self.time_cache:
-            t = self.timesteps_on_device[s].expand(self.cfg.frames_per_block)
+            t = self.timesteps[s].expand(self.cfg.frames_per_block)
             self.time_cache[s] = self.model.time_modulation(t)
         return self.time_cache[s]
 
