@@ -132,7 +132,8 @@ def run(
     if json_out:
         print(json.dumps(summary))
     else:
-        print(f"wrote {summary['output']}: {summary['frames']} frames ({summary['blocks']} blocks) in "
+        replaced = " (replaced the previous file)" if summary.get("replaced") else ""
+        print(f"wrote {summary['output']}{replaced}: {summary['frames']} frames ({summary['blocks']} blocks) in "
               f"{summary['seconds']} s on {summary['device']} {summary['layout']}")
 
 
@@ -189,13 +190,17 @@ def quantize(
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
 ) -> None:
     """Calibrate on your clips (block-streaming, one layer in memory) and write an fp8/int8/int4 folder."""
+    from lowvram.errors import Interrupted
     from lowvram.quantize import QuantizeOptions, quantize_checkpoint
 
-    report = quantize_checkpoint(QuantizeOptions(
-        ckpt=ckpt_dir, out=out, calib=calib, lora=lora, no_lora=no_lora, lora_alpha=lora_alpha, fmt=fmt, act=act,
-        keep_bf16=keep_bf16, bf16_budget_mb=bf16_budget_mb, tp=tp, rows=rows, holdout=holdout, seed=seed,
-        device=device, force=force, evaluate=not no_eval, calib_size=calib_size, calib_blocks=calib_blocks, t5=t5,
-        wav2vec=wav2vec, vae=vae, progress=not quiet, kv_scratch=kv_scratch))
+    try:
+        report = quantize_checkpoint(QuantizeOptions(
+            ckpt=ckpt_dir, out=out, calib=calib, lora=lora, no_lora=no_lora, lora_alpha=lora_alpha, fmt=fmt,
+            act=act, keep_bf16=keep_bf16, bf16_budget_mb=bf16_budget_mb, tp=tp, rows=rows, holdout=holdout,
+            seed=seed, device=device, force=force, evaluate=not no_eval, calib_size=calib_size,
+            calib_blocks=calib_blocks, t5=t5, wav2vec=wav2vec, vae=vae, progress=not quiet, kv_scratch=kv_scratch))
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; {out} keeps what was finished: run the same command to resume") from None
     e2e = (report or {}).get("end_to_end")
     if e2e:
         print(f"{out}: {fmt} done; end-to-end error vs bf16 ({e2e['on']}): {e2e['final_rel_err_mean']:.4f}")
@@ -261,46 +266,66 @@ def bench(
 
 
 def main() -> None:
-    """Console entry point: a LowvramError prints one line (no traceback) and sets the exit code."""
+    """Console entry point: every failure is one line on stderr and an exit code; LOWVRAM_DEBUG=1 shows tracebacks."""
     # Growable allocator segments: the 24 GB layouts are planned to ~1 GiB of headroom, which fragmentation of
     # fixed segments can eat (measured: 3.5 GiB reserved but unused at the moment of an OOM under a 24 GiB cap).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     try:
-        app(standalone_mode=False)
-    except LowvramError as err:
-        print(f"error: {err}", file=sys.stderr)
-        if os.environ.get("LOWVRAM_DEBUG"):
+        returned = app(standalone_mode=False)
+    except BaseException as err:  # noqa: BLE001 - this is the one place that turns failures into lines
+        if os.environ.get("LOWVRAM_DEBUG") and not isinstance(err, (SystemExit, typer.Exit)):
             raise
-        sys.exit(err.exit_code)
-    except KeyboardInterrupt:
+        sys.exit(report_failure(err))
+    # Without standalone mode typer returns (not raises) an exit code: 130 when it caught a Ctrl-C itself
+    code = returned if isinstance(returned, int) else 0
+    if code == 130:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as err:  # click usage errors and the like
-        exceptions = click_exception_modules()
-        if any(isinstance(err, m.ClickException) for m in exceptions):
-            err.show()
-            sys.exit(err.exit_code)
-        if any(isinstance(err, m.Exit) for m in exceptions):
-            sys.exit(err.exit_code)
-        if any(isinstance(err, m.Abort) for m in exceptions):
-            print("aborted", file=sys.stderr)
-            sys.exit(130)
-        raise
+    sys.exit(code)
 
 
-def click_exception_modules() -> list:
-    """click's exception classes: typer >= 0.2x raises those of its vendored copy (typer._click), older ones click's."""
-    import importlib
+def report_failure(err: BaseException) -> int:
+    """Print one line for `err` and return the exit code. Only typer's public exception types are used."""
+    if isinstance(err, LowvramError):
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    if isinstance(err, SystemExit):
+        return err.code if isinstance(err.code, int) else (0 if err.code is None else 1)
+    if isinstance(err, typer.Exit):
+        return err.exit_code
+    if isinstance(err, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        return 130
+    if isinstance(err, typer.Abort):
+        print("aborted", file=sys.stderr)
+        return 1
+    if isinstance(err, typer.TyperException) or hasattr(err, "show"):  # usage errors: usage + one error line
+        show = getattr(err, "show", None)
+        show() if show else print(f"error: {err}", file=sys.stderr)
+        return getattr(err, "exit_code", 2)
+    if isinstance(err, OSError):
+        print(f"error: {describe_os_error(err)}", file=sys.stderr)
+        return 1
+    print(f"error: {type(err).__name__}: {err}; this is unexpected: run again with LOWVRAM_DEBUG=1 for the "
+          f"traceback and report it", file=sys.stderr)
+    return 1
 
-    found = []
-    for name in ("typer._click.exceptions", "click.exceptions"):
-        try:
-            found.append(importlib.import_module(name))
-        except ImportError:
-            pass
-    return found
+
+def describe_os_error(err: OSError) -> str:
+    """A disk or permission problem as what happened to which path and what to do."""
+    import errno
+
+    path = err.filename or "a file"
+    fixes = {
+        errno.ENOSPC: f"no space left on the device holding {path}; free some space or write somewhere else",
+        errno.EDQUOT: f"disk quota exceeded writing {path}; free some space or write somewhere else",
+        errno.EROFS: f"{path}: the file system is read-only; write somewhere else",
+        errno.EACCES: f"{path}: permission denied; check its permissions or choose another path",
+        errno.EPERM: f"{path}: operation not permitted; check its permissions or choose another path",
+        errno.EISDIR: f"{path}: is a folder; pass a file path",
+        errno.ENOTDIR: f"{path}: a part of this path is a file, not a folder; fix the path",
+        errno.ENOENT: f"{path}: no such file or folder; check the path",
+    }
+    return fixes.get(err.errno, f"{path}: {err.strerror or err}")
 
 
 if __name__ == "__main__":

@@ -28,3 +28,9 @@ class DoesNotFitError(LowvramError):
     """The requested layout does not fit the GPUs' memory."""
 
     exit_code = 3
+
+
+class Interrupted(LowvramError):
+    """Ctrl-C (SIGINT): the message says what was kept and how to go on."""
+
+    exit_code = 130

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import tempfile
@@ -20,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from lowvram.errors import CheckpointError, DoesNotFitError, InputError
+from lowvram.errors import CheckpointError, DoesNotFitError, InputError, Interrupted, LowvramError
 from lowvram.model.config import DiTConfig
+from lowvram.outputs import hold_lock, lock_path_for, partial_path, publish
 
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 TOKENIZER_DIR = "google/umt5-xxl"
@@ -204,7 +206,10 @@ def default_t5_device(device: str) -> str:
 class BlockSink:
     """Receives clean block latents (any order) and, on a background thread, decodes them in order and appends
     the frames to the mp4 — so the VAE decode of block b overlaps the DiT's work on the next blocks (its own CUDA
-    stream on a GPU). A decode/write error is re-raised in the caller on the next put() or at close()."""
+    stream on a GPU). A decode/write error is re-raised in the caller on the next put() or at close().
+
+    The mp4 (and the latents file) grow under their partial names (`talk.partial.mp4`); `publish()` renames them
+    over the targets once the run finished, so a failed run never touches the previous video."""
 
     def __init__(self, vae_path: Path, motion_latents, output: Path, audio: Path, device: str, num_blocks: int,
                  latents_path: Path | None, progress=None):
@@ -217,7 +222,9 @@ class BlockSink:
         self.vae = WanVAE.load(vae_path, device=device)
         self.decoder = self.vae.streaming_decoder()
         self.decoder.warmup(motion_latents.to(device))
-        self.writer = VideoWriter(output, audio_path=audio)
+        self.output = Path(output)
+        self.partial = partial_path(self.output)
+        self.writer = VideoWriter(self.partial, audio_path=audio)
         self.pending: dict[int, torch.Tensor] = {}
         self.next_in = 0  # next block to hand to the decoder thread
         self.next_block = 0  # blocks written to the mp4
@@ -279,9 +286,21 @@ class BlockSink:
         if self.latents_path is not None and self.kept:
             from safetensors.torch import save_file
 
-            save_file(self.kept, str(self.latents_path))
+            save_file(self.kept, str(partial_path(self.latents_path)))
         if self.error is not None and raise_error:
             raise self.error
+
+    def publish(self) -> bool:
+        """Rename the finished files over the targets; True when an existing video was replaced."""
+        if self.latents_path is not None and self.kept:
+            publish(partial_path(self.latents_path), self.latents_path)
+        return publish(self.partial, self.output)
+
+    def kept_note(self) -> str:
+        """What a stopped run left behind, for its one-line message."""
+        kept = (f"{self.next_block} of {self.num_blocks} blocks ({self.writer.frames_written} frames) kept in "
+                f"{self.partial}, playable")
+        return kept + (f"; {self.output} was left as it was" if self.output.exists() else "")
 
 
 def worker_spec(opts: RunOptions, comps: Components, tp: int, pp: int, device: str, inputs_path: str):
@@ -325,39 +344,53 @@ def run_under_torchrun(opts: RunOptions, comps: Components, device: str) -> dict
     topo = make_topology(tp, pp)
     model = load_stage(spec, topo, device_for(spec, rank))
     sink = None
-    if topo.last and topo.tp_rank == 0:
-        sink = BlockSink(comps.vae, motion, opts.output, opts.audio,
-                     "cpu" if device == "cpu" else f"cuda:{opts.extra.get('vae_gpu', 0)}",
-                         inputs.num_blocks, opts.latents, make_progress(opts, inputs.num_blocks))
-    try:
-        StageRunner(model, topo, inputs, kv_dtype=torch.float8_e4m3fn if opts.kv == "fp8" else None,
-                    on_latent=sink.put if sink else None, ref_update=opts.ref_update).run()
-    finally:
-        if sink is not None:
-            sink.close()
-            if sink.progress is not None:
-                sink.progress.close()
+    with contextlib.ExitStack() as stack:
+        if topo.last and topo.tp_rank == 0:
+            stack.enter_context(hold_lock(lock_path_for(opts.output), f"--output {opts.output}"))
+            sink = BlockSink(comps.vae, motion, opts.output, opts.audio,
+                             "cpu" if device == "cpu" else f"cuda:{opts.extra.get('vae_gpu', 0)}",
+                             inputs.num_blocks, opts.latents, make_progress(opts, inputs.num_blocks))
+        try:
+            StageRunner(model, topo, inputs, kv_dtype=torch.float8_e4m3fn if opts.kv == "fp8" else None,
+                        on_latent=sink.put if sink else None, ref_update=opts.ref_update).run()
+        finally:
+            if sink is not None:
+                sink.close()
+                if sink.progress is not None:
+                    sink.progress.close()
+        replaced = sink.publish() if sink is not None else False
     shutdown_distributed()
     summary = {"rank": rank, "layout": f"tp{tp}xpp{pp}", "device": device,
                "seconds": round(time.monotonic() - t_start, 2)}
     if sink is not None:
         summary.update(output=str(opts.output), blocks=sink.next_block, frames=sink.writer.frames_written,
-                       time_to_first_frame_s=sink.first_frame_s)
+                       time_to_first_frame_s=sink.first_frame_s, replaced=replaced)
     return summary
 
 
 def run(opts: RunOptions) -> dict:
     """The whole run; returns a summary (blocks, frames, seconds, layout, time to first frame)."""
-    from lowvram.parallel.engine import StageRunner, Topology
-    from lowvram.parallel.worker import load_stage, run_worker
-
     from lowvram.parallel.launch import under_torchrun
 
     device = pick_device(opts)
     comps = find_components(opts)
     if under_torchrun():
         return run_under_torchrun(opts, comps, device)
+    output = Path(opts.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with hold_lock(lock_path_for(output), f"--output {output}"):
+        try:
+            return run_locked(opts, comps, device)
+        except KeyboardInterrupt:  # before the first block reached the sink (that case says what it kept)
+            kept = f"{output} was left as it was" if output.exists() else "nothing was written"
+            raise Interrupted(f"interrupted before the first block; {kept}") from None
+
+
+def run_locked(opts: RunOptions, comps: Components, device: str) -> dict:
+    """`run` once this process owns the output path."""
     from lowvram.conditioning.image import max_area_for_size, read_image, target_size
+    from lowvram.parallel.engine import StageRunner, Topology
+    from lowvram.parallel.worker import load_stage, run_worker
 
     img = read_image(opts.image)
     h, w = target_size(img.shape[0], img.shape[1], max_area_for_size(opts.size))
@@ -397,20 +430,25 @@ def run(opts: RunOptions) -> dict:
 
                 backend = "nccl" if device == "cuda" else "gloo"
                 spawn(run_worker, (spec,), tp * pp, backend, on_message)
-    except BaseException:
-        sink.close(raise_error=False)  # keep what was written playable; report the original failure
-        raise
-    else:
-        sink.close()
-    finally:
+    except BaseException as err:
         if progress is not None:
             progress.close()
+        sink.close(raise_error=False)  # keep what was written playable; report the original failure
+        if isinstance(err, KeyboardInterrupt):
+            raise Interrupted(f"interrupted; {sink.kept_note()}") from None
+        if isinstance(err, LowvramError):
+            raise type(err)(f"{err}; {sink.kept_note()}", err.exit_code) from None
+        raise
+    if progress is not None:
+        progress.close()
+    sink.close()
+    replaced = sink.publish()
     elapsed = time.monotonic() - t_start
     return {"output": str(opts.output), "blocks": sink.next_block, "frames": sink.writer.frames_written,
             "seconds": round(elapsed, 2), "fps": round(sink.writer.frames_written / max(elapsed, 1e-9), 2),
             "layout": f"tp{tp}xpp{pp}" + ("-offload" if kv_offload else ""), "device": device,
             "time_to_first_frame_s": sink.first_frame_s, "block_times_s": sink.block_times,
-            "block_frames": sink.block_frames, "ranks": ranks}
+            "block_frames": sink.block_frames, "ranks": ranks, "replaced": replaced}
 
 
 class make_progress:

@@ -36,6 +36,7 @@ from lowvram.checkpoint import (
 from lowvram.errors import CheckpointError, DoesNotFitError, InputError
 from lowvram.kernels import linear as K
 from lowvram.model.config import DiTConfig
+from lowvram.outputs import hold_lock, lock_path_for
 
 from .calibrate import CheckpointSource, Observer, host_state_estimate, run_trajectory
 from .formats import DEFAULT_ALPHAS, QUANT_FORMATS, LinearPlan, analyze_linear, build_module, choose_keep_bf16, rel_err
@@ -49,7 +50,8 @@ PROGRESS = "progress.json"
 WORK = ".work"
 REPORT_JSON = "quant_report.json"
 REPORT_MD = "quant_report.md"
-EXIT_AFTER_ENV = "LOWVRAM_QUANTIZE_EXIT_AFTER_BLOCK"  # test hook: hard exit after this layer's files are written
+# test hook, "LAYER" or "LAYER:SIGNAL": after this layer's files are written, hard exit 75 or send SIGNAL to itself
+EXIT_AFTER_ENV = "LOWVRAM_QUANTIZE_EXIT_AFTER_BLOCK"
 
 
 @dataclass
@@ -261,7 +263,16 @@ def _resolve_lora(opts: QuantizeOptions) -> Path | None:
 
 
 def quantize_checkpoint(opts: QuantizeOptions, encoders=None) -> dict:
-    """Run (or resume) a quantization into `opts.out`; returns the report dict. See the module docstring."""
+    """Run (or resume) a quantization into `opts.out`; returns the report dict. See the module docstring.
+
+    One process at a time per folder: `OUT.lock` beside it is held for the whole run."""
+    out = Path(opts.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with hold_lock(lock_path_for(out), f"--out {out}"):
+        return _quantize_locked(opts, encoders)
+
+
+def _quantize_locked(opts: QuantizeOptions, encoders) -> dict:
     t_start = time.perf_counter()
     bar = _Bar(opts.progress)
     if opts.fmt not in QUANT_FORMATS:
@@ -423,8 +434,8 @@ def quantize_checkpoint(opts: QuantizeOptions, encoders=None) -> dict:
             journal["layers"] = sorted(set(journal["layers"]) | {layer})
             _journal(out, journal)
             advance(f"{layer}")
-            if exit_after is not None and int(exit_after) == layer:
-                os._exit(75)
+            if exit_after is not None and int(exit_after.split(":")[0]) == layer:
+                _test_exit(exit_after)
     if not _file_ok(out, journal, NONBLOCK):
         nb = source.nonblock()
         state = {k: v.detach().cpu() for k, v in nb.state_dict().items()}
@@ -462,6 +473,14 @@ def quantize_checkpoint(opts: QuantizeOptions, encoders=None) -> dict:
     bar.log(f"wrote {out} ({sum(f['bytes'] for f in manifest['files'].values()) / 1e6:.1f} MB); report: "
             f"{out / REPORT_MD}")
     return report
+
+
+def _test_exit(hook: str) -> None:
+    sig = hook.partition(":")[2]
+    if not sig:
+        os._exit(75)
+    os.kill(os.getpid(), int(sig))
+    time.sleep(1.0)  # a Python-level handler (SIGINT's) runs here
 
 
 def _available_ram() -> int | None:

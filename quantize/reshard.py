@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lowvram.errors import InputError
 from lowvram.model.config import DiTConfig
+from lowvram.outputs import hold_lock, lock_path_for
 
 from .io import TMP_MARK, atomic_write_json, write_safetensors
 from .layout import NONBLOCK, block_file, check_tp, split_state
@@ -21,12 +22,17 @@ from .loader import FORMAT_NAME, MANIFEST, layer_state, verify_folder
 
 def reshard(folder: str | Path, tp: int, out: str | Path | None = None, progress: bool = False) -> dict:
     """Re-split `folder` for `tp` ranks, in place or into `out`; returns the new manifest."""
-    folder = Path(folder)
+    dest = Path(out) if out is not None else Path(folder)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with hold_lock(lock_path_for(dest), f"--out {dest}" if out is not None else str(dest)):
+        return _reshard_locked(Path(folder), tp, dest)
+
+
+def _reshard_locked(folder: Path, tp: int, dest: Path) -> dict:
     manifest = verify_folder(folder)
     cfg = DiTConfig.from_dict(manifest["config"])
     old = int(manifest.get("tp", {}).get("size", 1))
     check_tp(cfg, manifest["recipe"], tp)
-    dest = Path(out) if out is not None else folder
     if dest != folder:
         if dest.exists() and any(dest.iterdir()):
             raise InputError(f"--out {dest}: not empty; choose an empty or new folder")

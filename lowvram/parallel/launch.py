@@ -9,10 +9,12 @@ set) the same worker code runs in-process and the last stage's TP rank 0 is the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue as queue_mod
 import signal
 import socket
+import threading
 import time
 import traceback
 from datetime import timedelta
@@ -113,8 +115,9 @@ def spawn(fn, args: tuple, world: int, backend: str, on_message, timeout_s: floa
     port = free_port()
     procs = [ctx.Process(target=_worker_entry, args=(r, world, port, backend, fn, args, out_queue), daemon=True)
              for r in range(world)]
-    for p in procs:
-        p.start()
+    with sigint_ignored():  # Ctrl-C reaches the whole process group: the launcher alone handles it, then stops them
+        for p in procs:
+            p.start()
     done: set[int] = set()
     errors: dict[int, str] = {}
     last_heard = time.monotonic()
@@ -140,6 +143,19 @@ def spawn(fn, args: tuple, world: int, backend: str, on_message, timeout_s: floa
                 on_message(kind, rank, payload)
     finally:
         stop(procs)
+
+
+@contextlib.contextmanager
+def sigint_ignored():
+    """Processes started inside inherit SIGINT as ignored (Python keeps an ignored SIGINT ignored at start-up)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 PEER_LOST = ("connection", "peer", "closed", "reset", "broken pipe", "timed out", "timeout")
