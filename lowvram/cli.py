@@ -257,9 +257,15 @@ def bench(
     """
     from lowvram.benchmarks.bench import BenchOptions, run_bench
 
-    results = run_bench(BenchOptions(baseline=baseline, candidates=candidate, clips=clips, out=out, device=device,
-                                     size=size, seconds=seconds or None, seed=seed, rerun=rerun, fid=fid, sync=sync,
-                                     fid_weights=fid_weights, syncnet_weights=syncnet_weights))
+    from lowvram.errors import Interrupted
+
+    try:
+        results = run_bench(BenchOptions(baseline=baseline, candidates=candidate, clips=clips, out=out,
+                                         device=device, size=size, seconds=seconds or None, seed=seed, rerun=rerun,
+                                         fid=fid, sync=sync, fid_weights=fid_weights,
+                                         syncnet_weights=syncnet_weights))
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; the finished runs in {out} are kept: run the same command to go on") from None
     failed = sum(r["runs_failed"] for r in results["summary"]["rows"])
     print(f"wrote {out / 'report.html'}, {out / 'report.md'}, {out / 'results.json'}"
           + (f" ({failed} runs failed; see the report)" if failed else ""))

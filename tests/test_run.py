@@ -99,8 +99,11 @@ def test_a_rank_killed_mid_run_leaves_a_playable_mp4(tiny_ckpt, tmp_path):
     assert r.returncode == 4, r.stderr[-2000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: rank 1 died (killed by SIGKILL)") and "Traceback" not in r.stderr
-    info = read_video_info(out)
+    partial = out.with_name("killed.partial.mp4")
+    assert f"2 of 3 blocks (21 frames) kept in {partial}, playable" in last
+    info = read_video_info(partial)
     assert info.num_frames == 9 + 12 and info.audio_codec == "aac"  # blocks 0 and 1 were decoded and kept
+    assert not out.exists()  # only a finished run takes the target name
 
 
 def test_compile_without_triton_warns_once_and_runs_uncompiled(monkeypatch, capsys):
