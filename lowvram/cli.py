@@ -304,7 +304,7 @@ def report_failure(err: BaseException) -> int:
     if isinstance(err, typer.Abort):
         print("aborted", file=sys.stderr)
         return 1
-    if isinstance(err, typer.TyperException) or hasattr(err, "show"):  # usage errors: usage + one error line
+    if isinstance(err, usage_error_types()):  # usage + one error line, as typer prints them
         show = getattr(err, "show", None)
         show() if show else print(f"error: {err}", file=sys.stderr)
         return getattr(err, "exit_code", 2)
@@ -314,6 +314,18 @@ def report_failure(err: BaseException) -> int:
     print(f"error: {type(err).__name__}: {err}; this is unexpected: run again with LOWVRAM_DEBUG=1 for the "
           f"traceback and report it", file=sys.stderr)
     return 1
+
+
+def usage_error_types() -> tuple:
+    """typer >= 0.29 raises usage errors of its own (typer.TyperException); older ones click's ClickException."""
+    found = [typer.TyperException] if hasattr(typer, "TyperException") else []
+    try:
+        import click
+
+        found.append(click.ClickException)
+    except ImportError:
+        pass
+    return tuple(found)
 
 
 def describe_os_error(err: OSError) -> str:
