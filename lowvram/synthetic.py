@@ -319,9 +319,18 @@ def _write_index(folder: Path, weight_map: dict[str, str], total: int) -> Path:
     return path
 
 
+# Upstream's module order (CausalWanModel_S2V's state dict), which decides what diffusers' sharding puts where.
+UPSTREAM_TOP_LEVEL_ORDER = ("patch_embedding", "text_embedding", "time_embedding", "time_projection", "blocks", "head",
+                            "cond_encoder", "casual_audio_encoder", "audio_injector", "trainable_cond_mask",
+                            "frame_packer")
+
+
 def dit_specs(cfg: DiTConfig, dtype: torch.dtype = torch.bfloat16) -> list[TensorSpec]:
-    """Every DiT tensor in state-dict order (the checkpoint's keys verbatim)."""
-    return [(k, tuple(v.shape), dtype) for k, v in build_meta_model(cfg).state_dict().items()]
+    """Every DiT tensor (the checkpoint's keys verbatim) in upstream's state-dict order."""
+    sd = build_meta_model(cfg).state_dict()
+    rank = {name: i for i, name in enumerate(UPSTREAM_TOP_LEVEL_ORDER)}
+    keys = sorted(sd, key=lambda k: rank.get(k.split(".")[0], len(rank)))  # stable: in-module order kept
+    return [(k, tuple(sd[k].shape), dtype) for k in keys]
 
 
 def lora_specs(cfg: DiTConfig, rank: int, dtype: torch.dtype = torch.bfloat16, prefixed: bool = True
@@ -419,10 +428,15 @@ def write_sparse_checkpoint(out_dir: str | Path, cfg: DiTConfig | None = None, *
 # The conditioning models: umT5 encoder + tokenizer, Wan2.1 VAE, wav2vec2
 
 
+T5_BLOCK_ORDER = ("norm1.weight", "attn.q.weight", "attn.k.weight", "attn.v.weight", "attn.o.weight", "norm2.weight",
+                  "ffn.gate.0.weight", "ffn.fc1.weight", "ffn.fc2.weight", "pos_embedding.embedding.weight")
+
+
 def t5_specs(cfg, dtype: torch.dtype) -> list[TensorSpec]:
     """The umT5 encoder's tensors in upstream state-dict order (embedding, blocks, final norm)."""
     shapes = cfg.upstream_shapes()
-    order = ["token_embedding.weight"] + [k for k in shapes if k.startswith("blocks.")] + ["norm.weight"]
+    order = ["token_embedding.weight", *(f"blocks.{i}.{k}" for i in range(cfg.num_layers) for k in T5_BLOCK_ORDER),
+             "norm.weight"]
     return [(k, tuple(shapes[k]), dtype) for k in order]
 
 
@@ -468,8 +482,11 @@ def write_tokenizer(folder: Path, vocab_size: int) -> None:
 
 
 def vae_specs(cfg) -> list[TensorSpec]:
-    """`Wan2.1_VAE.pth`'s tensors in upstream order; stored float32, as the real file."""
-    return [(k, tuple(s), torch.float32) for k, s in cfg.upstream_shapes().items()]
+    """`Wan2.1_VAE.pth`'s tensors in upstream state-dict order (encoder, conv1, conv2, decoder); float32, as the
+    real file."""
+    rank = {"encoder": 0, "conv1": 1, "conv2": 1, "decoder": 2}
+    shapes = cfg.upstream_shapes()
+    return [(k, tuple(shapes[k]), torch.float32) for k in sorted(shapes, key=lambda k: rank[k.split(".")[0]])]
 
 
 def write_vae(root: Path, cfg, seed: int = 2, device: str | torch.device = "cpu") -> list[Path]:
