@@ -557,6 +557,9 @@ def phase_run(spec: RunSpec) -> Callable[[Ctx], dict]:
                                  if k.endswith("_bytes")}
                         for r, m in (summary.get("ranks") or {}).items()}
         if world > 1:
+            rec["launcher_note"] = ("the launcher (conditioning, then the VAE decode) is one more process with its own "
+                                    "cap here; on four real cards it shares a GPU with a stage (the planner's "
+                                    "vae_decode entry): add its GPU peak to that stage's")
             rec["stage_busy_per_block"] = ("not measured: `lowvram run --json` reports each rank's memory peaks "
                                            "only; a per-stage busy time per block (forward time vs waiting on "
                                            "send/recv) needs the worker to send it with its memory message")
