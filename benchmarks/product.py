@@ -349,10 +349,6 @@ def last_json(stdout: str) -> dict:
     raise PhaseFailed("no JSON summary on stdout")
 
 
-def folder_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink()) if path.exists() else 0
-
-
 # ----------------------------------------------------------------------------------------------------------
 # make, calib
 
