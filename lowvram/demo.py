@@ -13,90 +13,23 @@ import wave
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from lowvram.model.config import DiTConfig, tiny
-
-TEXT_DIM = 64
-AUDIO_DIM = 32
+from lowvram.model.config import DiTConfig
 
 
 def demo_config() -> DiTConfig:
-    return tiny(text_dim=TEXT_DIM, audio_dim=AUDIO_DIM, text_len=32)
+    from lowvram.synthetic import tiny_sizes
 
-
-def random_like_trained(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:
-    """The synthetic checkpoint's trained-like scales (N(0, 1/fan_in) weights, norms near 1, small rest)."""
-    from lowvram.synthetic import random_tensor
-
-    def kind(key: str, shape: tuple[int, ...]) -> str:
-        if len(shape) >= 2:
-            return "linear"
-        return "norm" if "norm" in key or key.endswith("gamma") else "bias"
-
-    return {k: random_tensor(k, shape, kind(k, shape), seed) for k, shape in sorted(shapes.items())}
-
-
-def write_text_encoder(root: Path, seed: int = 1) -> None:
-    """A tiny umT5 encoder .pth with the real key names, and a local fast tokenizer folder."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from lowvram.conditioning.text import T5Config
-    from lowvram.runtime import T5_FILE, TOKENIZER_DIR
-
-    corpus = ["a person talking to the camera in a kitchen", "a baker with flour on his apron speaks warmly",
-              "the blacksmith explains how steel is folded", "a fashion blogger reviews a new jacket",
-              "grandmother shares a recipe while smiling", "music producer describes the drum pattern"]
-    tok = Tokenizer(models.Unigram())
-    tok.normalizer = normalizers.NFKC()
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    trainer = trainers.UnigramTrainer(vocab_size=200, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>")
-    tok.train_from_iterator(corpus * 20, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    from tokenizers.processors import TemplateProcessing
-
-    fast._tokenizer.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    fast.save_pretrained(str(root / TOKENIZER_DIR))
-    cfg = T5Config(vocab_size=256, dim=TEXT_DIM, dim_attn=TEXT_DIM, dim_ffn=128, num_heads=4, num_layers=2)
-    sd = random_like_trained(cfg.upstream_shapes(), seed)
-    sd["token_embedding.weight"] *= 8  # embeddings are not fan-in scaled
-    torch.save(sd, root / T5_FILE)
-
-
-def write_vae(root: Path, seed: int = 2) -> None:
-    from lowvram.conditioning.vae import VAEConfig
-    from lowvram.runtime import VAE_FILE
-
-    cfg = VAEConfig(dim=8)
-    torch.save(random_like_trained(cfg.upstream_shapes(), seed), root / VAE_FILE)
-
-
-def write_wav2vec(root: Path, seed: int = 3) -> None:
-    from transformers import Wav2Vec2Config, Wav2Vec2Model
-
-    from lowvram.runtime import WAV2VEC_DIR
-
-    torch.manual_seed(seed)
-    cfg = Wav2Vec2Config(hidden_size=AUDIO_DIM, num_hidden_layers=24, num_attention_heads=2, intermediate_size=64,
-                         conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
-                         do_stable_layer_norm=True, feat_extract_norm="layer")
-    Wav2Vec2Model(cfg).save_pretrained(str(root / WAV2VEC_DIR))
-    (root / WAV2VEC_DIR / "preprocessor_config.json").write_text(json.dumps(
-        {"do_normalize": True, "feature_size": 1, "sampling_rate": 16000, "padding_value": 0.0,
-         "feature_extractor_type": "Wav2Vec2FeatureExtractor", "return_attention_mask": True}))
+    return tiny_sizes().dit
 
 
 def write_tiny_checkpoint(root: Path, seed: int = 0) -> Path:
     """The whole tiny Wan2.2-S2V-14B-shaped folder; returns the LoRA file's path."""
-    from lowvram.synthetic import write_checkpoint
+    from lowvram.checkpoint import LORA_NAME
+    from lowvram.synthetic import tiny_sizes, write_model_folder
 
-    root.mkdir(parents=True, exist_ok=True)
-    written = write_checkpoint(root, demo_config(), seed=seed, shards=2, lora=True, lora_rank=8)
-    write_text_encoder(root)
-    write_vae(root)
-    write_wav2vec(root)
-    return Path(getattr(written, "lora", root / "liveavatar.safetensors"))
+    write_model_folder(root, tiny_sizes(), seed=seed)
+    return root / LORA_NAME
 
 
 def face_like_image(path: Path, h: int = 256, w: int = 256) -> None:

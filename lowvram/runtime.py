@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ TOKENIZER_DIR = "google/umt5-xxl"
 VAE_FILE = "Wan2.1_VAE.pth"
 WAV2VEC_DIR = "wav2vec2-large-xlsr-53-english"
 FPS = 25
+GPU_CAP_ENV = "LOWVRAM_GPU_CAP_GIB"  # emulate a smaller card: each lowvram process caps its CUDA memory at this
 
 
 @dataclass
@@ -107,10 +109,46 @@ def find_components(opts: RunOptions) -> Components:
 
 def pick_device(opts: RunOptions) -> str:
     if opts.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if opts.device == "cuda" and not torch.cuda.is_available():
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif opts.device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda but no CUDA GPU is visible; use --device cpu or check the driver")
-    return opts.device
+    else:
+        device = opts.device
+    if device == "cuda":
+        apply_gpu_cap()
+    return device
+
+
+def gpu_cap_bytes() -> int | None:
+    """LOWVRAM_GPU_CAP_GIB in bytes, or None when unset."""
+    value = os.environ.get(GPU_CAP_ENV)
+    if not value:
+        return None
+    try:
+        return int(float(value) * 1024**3)
+    except ValueError:
+        raise InputError(f"{GPU_CAP_ENV}={value!r}: give the card's memory in GiB, e.g. 24") from None
+
+
+def gpu_memory_bytes(index: int = 0) -> int:
+    """The memory GPU `index` offers this process: the card's, or LOWVRAM_GPU_CAP_GIB if smaller."""
+    total = torch.cuda.get_device_properties(index).total_memory
+    cap = gpu_cap_bytes()
+    return total if cap is None else min(total, cap)
+
+
+def apply_gpu_cap(device: torch.device | str | None = None) -> None:
+    """Under LOWVRAM_GPU_CAP_GIB, make this process see a card of that size on `device` (all visible GPUs if None):
+    the caching allocator refuses past it with an out-of-memory error, as the smaller card would."""
+    if gpu_cap_bytes() is None or not torch.cuda.is_available():
+        return
+    devices = [torch.device(device)] if device is not None else [torch.device("cuda", i)
+                                                                for i in range(torch.cuda.device_count())]
+    for d in devices:
+        if d.type == "cuda":
+            index = d.index if d.index is not None else torch.cuda.current_device()
+            total = torch.cuda.get_device_properties(index).total_memory
+            torch.cuda.set_per_process_memory_fraction(gpu_memory_bytes(index) / total, index)
 
 
 def check_gpu_supports(comps: Components) -> None:
@@ -134,7 +172,7 @@ def choose_layout(opts: RunOptions, comps: Components, device: str, latent_hw) -
         return opts.tp or 1, opts.pp or 1, bool(opts.extra.get("kv_offload"))
     check_gpu_supports(comps)
     count = torch.cuda.device_count()
-    gib = torch.cuda.get_device_properties(0).total_memory / 1024**3
+    gib = gpu_memory_bytes(0) / 1024**3
     gpus = opts.gpus or f"{count}x{int(gib)}"
     shape = RunShape(latent_hw[0] * 8, latent_hw[1] * 8, 1 if opts.kv == "fp8" else 2)
     fmt = comps.fmt if comps.fmt in ("fp8", "int8", "int4") else "bf16"
@@ -198,7 +236,7 @@ def prepare_conditioning(opts: RunOptions, comps: Components, device: str):
 
 def default_t5_device(device: str) -> str:
     """umT5-XXL runs before the DiT loads and is freed: on the GPU when it has room for it (10.7 GiB bf16)."""
-    if device == "cuda" and torch.cuda.get_device_properties(0).total_memory >= 16 * 1024**3:
+    if device == "cuda" and gpu_memory_bytes(0) >= 16 * 1024**3:
         return "cuda"
     return "cpu"
 

@@ -86,11 +86,16 @@ class QuantizeOptions:
 
 
 def _device(name: str) -> torch.device:
+    from lowvram.runtime import apply_gpu_cap
+
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif name.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {name} but no CUDA GPU is visible; use --device cpu")
-    return torch.device(name)
+    else:
+        device = torch.device(name)
+    apply_gpu_cap(device)
+    return device
 
 
 class _Bar:

@@ -35,7 +35,9 @@ class WorkerSpec:
 def load_stage(spec: WorkerSpec, topo, device):
     """This rank's slice of the DiT, ready to run: q/k/v fused into one GEMM, compiled if asked (CUDA)."""
     from lowvram.model.dit import fuse_qkv_
+    from lowvram.runtime import apply_gpu_cap
 
+    apply_gpu_cap(device)
     cfg = DiTConfig.from_dict(spec.cfg)
     layers = spec.stages[topo.stage]
     if spec.quantized:
