@@ -21,7 +21,7 @@ from lowvram.kernels.linear import KEEP_BF16, weight_bytes
 from lowvram.model.config import DiTConfig
 
 GiB = 1024 ** 3
-CUDA_CONTEXT = 0.6 * GiB  # context + cuBLAS/cuDNN workspaces, measured ~0.5-0.7 GiB on Ada/Hopper
+CUDA_CONTEXT = int(0.6 * GiB)  # context + cuBLAS/cuDNN workspaces, measured ~0.5-0.7 GiB on Ada/Hopper
 FRAGMENTATION = 1.05  # caching-allocator slack on top of the live peak
 STEPS_IN_FLIGHT = 4
 
