@@ -295,10 +295,12 @@ def suggestions(cfg: DiTConfig, gpus: str, shape: RunShape, fmt: str, gpu_model:
     return out
 
 
-def plan_summary(layouts: list[Layout]) -> list[dict]:
+def plan_summary(layouts: list[Layout], capacity: float | None = None) -> list[dict]:
     rows = []
     for lay in layouts:
         d = asdict(lay)
+        if capacity is not None:  # what `lowvram run --gpus ... --share-gpu` caps each rank's allocator at
+            d["allocator_caps"] = allocator_caps(lay, capacity)
         d["name"] = lay.name
         d["peak_GiB"] = round(lay.peak_bytes / GiB, 2)
         d["fps"] = round(12 / lay.seconds_per_block, 2) if lay.seconds_per_block else None
@@ -339,7 +341,7 @@ def plan_report(model_dir, gpus: str, size: str, kv: str, link: str, fmt: str | 
     layouts = plan_layouts(cfg, gpus, shape, fmt, recipe, link, gpu_model)
     best = layouts[0]
     report = {"model": cfg.name, "gpus": gpus, "size": f"{h}*{w}", "kv": kv, "format": fmt, "link": link,
-              "gpu_model": gpu_model, "layouts": plan_summary(layouts), "chosen": best.name if best.fits else None,
+              "gpu_model": gpu_model, "layouts": plan_summary(layouts, parse_gpus(gpus)[1]), "chosen": best.name if best.fits else None,
               "conditioning": conditioning_memory(shape, parse_gpus(gpus)[1])}
     if not best.fits:
         report["suggestions"] = suggestions(cfg, gpus, shape, fmt, gpu_model)

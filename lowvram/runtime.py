@@ -179,6 +179,12 @@ def default_gpus(visible: int, total: int, world: int, share: bool) -> str:
     return f"{visible}x{int(total / GiB)}"
 
 
+def count_x(count: int, size_bytes: float) -> str:
+    from lowvram.plan import GiB
+
+    return f"{count}x{int(size_bytes / GiB)}"
+
+
 @dataclass
 class Placement:
     """Where the ranks run: the visible GPU of each, its allocator cap (bytes, None = the whole GPU), the backend;
@@ -211,10 +217,12 @@ def place_on_gpus(opts: RunOptions, name: str, world: int, visible: int, total: 
         raise InputError(f"{name} needs {world} GPUs but {here}; pass --share-gpu to run the {world} ranks on "
                          f"{'it' if visible == 1 else 'them'}, each capped at {size:g} GiB, or {alt}")
     per_gpu = max(gpus.count(g) for g in set(gpus))
-    if per_gpu * capacity > total:
-        raise DoesNotFitError(f"--share-gpu: {per_gpu} ranks of {capacity / GiB:g} GiB do not fit one "
-                              f"{total / GiB:.0f} GiB GPU; plan for smaller GPUs (--gpus {world}x"
-                              f"{int(total / GiB / per_gpu)}) or make more GPUs visible")
+    if per_gpu * capacity > total * 1.02:  # "24 GB" cards report 23.99 GiB
+        size = f"{capacity / GiB:g} GiB"
+        ranks = f"{per_gpu} ranks of {size} do" if per_gpu > 1 else f"a {size} rank does"
+        raise DoesNotFitError(f"--gpus {count_x(world, capacity)}: {ranks} not fit GPU 0 ({total / GiB:.1f} GiB); "
+                              f"plan for what is here (--gpus {count_x(world, total / per_gpu)}) or make more GPUs "
+                              f"visible")
     if opts.gpus is None and world <= visible:  # the real GPUs: nothing to emulate
         return Placement(gpus, [None] * world, backend)
     caps = allocator_caps(layout, capacity) if layout is not None else [int(capacity - CUDA_CONTEXT)] * world

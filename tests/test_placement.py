@@ -14,7 +14,7 @@ from lowvram.demo import face_like_image, speech_like_wave, write_tiny_checkpoin
 from lowvram.errors import DoesNotFitError, InputError
 from lowvram.model.config import s2v_14b
 from lowvram.parallel.launch import place_ranks, spawn
-from lowvram.plan import CUDA_CONTEXT, GiB, RunShape, allocator_caps, plan_layouts, vae_decode_bytes
+from lowvram.plan import CUDA_CONTEXT, GiB, RunShape, allocator_caps, plan_layouts, plan_summary, vae_decode_bytes
 from lowvram.runtime import Components, RunOptions, choose_layout, find_components
 
 H200 = int(139.8 * GiB)
@@ -73,6 +73,8 @@ def test_shared_gpu_runs_the_planned_layout_with_the_planned_budgets(monkeypatch
         assert cap == int(24 * GiB - CUDA_CONTEXT - launcher_share)
     assert placement.launcher_cap == int(24 * GiB - CUDA_CONTEXT)
     assert opts.extra["vae_gpu"] == 0
+    row = next(r for r in plan_summary([planned], 24 * GiB))  # what `lowvram plan --json` reports for it
+    assert row["name"] == "tp1xpp4" and row["allocator_caps"] == placement.caps
 
 
 def test_two_gpus_four_ranks_round_robin(monkeypatch):
@@ -80,8 +82,12 @@ def test_two_gpus_four_ranks_round_robin(monkeypatch):
     opts, tp, pp, _ = layout_for("4x24", share_gpu=True, tp=2, pp=2)
     assert (tp, pp) == (2, 2)
     assert opts.extra["placement"].gpus == [0, 1, 0, 1] and opts.extra["placement"].backend == "gloo"
-    with pytest.raises(DoesNotFitError, match=r"3 ranks of 30 GiB do not fit one 79 GiB GPU"):
+    with pytest.raises(DoesNotFitError, match=r"--gpus 6x30: 3 ranks of 30 GiB do not fit GPU 0 \(79.2 GiB\); "
+                                              r"plan for what is here \(--gpus 6x26\)"):
         layout_for("6x30", share_gpu=True, tp=2, pp=3)
+    with pytest.raises(DoesNotFitError, match=r"--gpus 1x96: a 96 GiB rank does not fit GPU 0"):
+        layout_for("1x96")
+    assert layout_for("2x80")[0].extra["placement"].backend == "nccl"  # an "80 GB" card: 79.2 GiB is close enough
 
 
 def test_an_override_without_gpus_shares_the_card_equally(monkeypatch):

@@ -27,7 +27,10 @@ import torch.multiprocessing as mp
 
 from lowvram.errors import LowvramError
 
-WORKER_TIMEOUT_S = 60
+# A collective may wait for its peers' loading and first compile, which add up along a pipeline (stage 3 receives
+# after stages 0-2 each compiled their prefill: minutes at full size). Dead ranks are caught within seconds by
+# the launcher's exit-code watch, not by this timeout.
+WORKER_TIMEOUT_S = 600
 
 
 class RankFailed(LowvramError):
