@@ -7,8 +7,9 @@ Per GPU: weights slice + the 4 timestep-forced KV caches of its layers (its head
 conditioning cache and text K/V + transient activations + CUDA context; the VAE decoder sits on the least
 loaded GPU (in the launcher process, with its own CUDA context, when the DiT runs on worker processes). GPU 0
 first hosts the conditioning phase (umT5 where it fits, the VAE encode), freed before the DiT loads. The VAE and
-umT5 figures come from `vae_memory_bytes` / `t5_memory_bytes`, next to their loaders. Pipeline stages over layers are fed a wavefront of independent (block, step) items, so all
-stages stay busy and throughput scales with the stage count; tensor parallelism adds all-reduces.
+umT5 figures come from `vae_memory_bytes` / `t5_memory_bytes`, next to their loaders. Pipeline stages over layers
+are fed a wavefront of independent (block, step) items, so all stages stay busy and throughput scales with the
+stage count; tensor parallelism adds all-reduces.
 """
 
 from __future__ import annotations
@@ -339,10 +340,10 @@ def plan_report(model_dir, gpus: str, size: str, kv: str, link: str, fmt: str | 
     shape = RunShape(h, w, 1 if kv == "fp8" else 2)
     fmt = qfmt or fmt or ("fp8" if GPU_MODELS[gpu_model]["fp8_ok"] else "int8")
     layouts = plan_layouts(cfg, gpus, shape, fmt, recipe, link, gpu_model)
-    best = layouts[0]
+    best, capacity = layouts[0], parse_gpus(gpus)[1]
     report = {"model": cfg.name, "gpus": gpus, "size": f"{h}*{w}", "kv": kv, "format": fmt, "link": link,
-              "gpu_model": gpu_model, "layouts": plan_summary(layouts, parse_gpus(gpus)[1]), "chosen": best.name if best.fits else None,
-              "conditioning": conditioning_memory(shape, parse_gpus(gpus)[1])}
+              "gpu_model": gpu_model, "layouts": plan_summary(layouts, capacity),
+              "chosen": best.name if best.fits else None, "conditioning": conditioning_memory(shape, capacity)}
     if not best.fits:
         report["suggestions"] = suggestions(cfg, gpus, shape, fmt, gpu_model)
     return report
@@ -370,7 +371,7 @@ def plan_renderables(report: dict):
     yield t
     c = report["conditioning"]
     vae = max(m.get("vae_decode", 0) for m in report["layouts"][0]["per_gpu_bytes"])
-    yield (f"GPU 0 before the DiT loads (freed after): umT5 on {c['t5_device']} ({c['t5'] / GiB:.1f} GiB), VAE encode "
+    yield (f"GPU 0 before the DiT loads (freed after): umT5-XXL on {c['t5_device']} ({c['t5'] / GiB:.1f} GiB), VAE encode "
            f"{c['vae_encode'] / GiB:.1f} GiB; then the VAE decoder ({vae / GiB:.1f} GiB) on the least loaded GPU")
     if report["chosen"]:
         yield f"chosen: {report['chosen']}"

@@ -128,8 +128,9 @@ def tiny_folders(tmp_path_factory):
     write_checkpoint(root / "ckpt", tiny(), seed=0, shards=2, lora=False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    quantize_checkpoint(QuantizeOptions(ckpt=root / "ckpt", out=root / "q", samples=synthetic_samples(tiny(), 1, blocks=1),
-                                        fmt="int4", no_lora=True, device="cpu", evaluate=False, progress=False))
+    quantize_checkpoint(QuantizeOptions(ckpt=root / "ckpt", out=root / "q",
+                                        samples=synthetic_samples(tiny(), 1, blocks=1), fmt="int4", no_lora=True,
+                                        device="cpu", evaluate=False, progress=False))
     torch.set_num_threads(threads)
     return root / "ckpt", root / "q"
 
