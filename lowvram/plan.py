@@ -371,8 +371,9 @@ def plan_renderables(report: dict):
     yield t
     c = report["conditioning"]
     vae = max(m.get("vae_decode", 0) for m in report["layouts"][0]["per_gpu_bytes"])
-    yield (f"GPU 0 before the DiT loads (freed after): umT5-XXL on {c['t5_device']} ({c['t5'] / GiB:.1f} GiB), VAE encode "
-           f"{c['vae_encode'] / GiB:.1f} GiB; then the VAE decoder ({vae / GiB:.1f} GiB) on the least loaded GPU")
+    yield (f"GPU 0 before the DiT loads (freed after): umT5-XXL on {c['t5_device']} ({c['t5'] / GiB:.1f} GiB), "
+           f"VAE encode {c['vae_encode'] / GiB:.1f} GiB; then the VAE decoder ({vae / GiB:.1f} GiB) on the least "
+           f"loaded GPU")
     if report["chosen"]:
         yield f"chosen: {report['chosen']}"
     else:
