@@ -129,8 +129,8 @@ def run(
             raise InputError(f"{flag} {path}: no such file")
     summary = run_stream(RunOptions(model_dir=model_dir, image=image, audio=audio, prompt=prompt, output=output,
                                     ckpt_dir=ckpt_dir, lora=lora, size=size, seed=seed, device=device, gpus=gpus,
-                                    share_gpu=share_gpu, tp=tp, pp=pp, seconds=seconds, latents=latents, kv=kv, t5_device=t5_device,
-                                    t5_quantization=t5_quant, ref_update=not keep_reference,
+                                    share_gpu=share_gpu, tp=tp, pp=pp, seconds=seconds, latents=latents, kv=kv,
+                                    t5_device=t5_device, t5_quantization=t5_quant, ref_update=not keep_reference,
                                     compile=compile_, progress=not json_out))
     if "output" not in summary:  # a torchrun rank that neither decodes nor writes
         return
