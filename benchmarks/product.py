@@ -17,9 +17,9 @@ Where things go: the DiT shards + LoRA under --shm (32.6 + 1.4 GB; a RAM disk ke
 the folder links to the other models so it looks like the download), umT5 + tokenizer, VAE and wav2vec2 (13.1
 GB), the quantized folders (fp8 and int8 ~16.7 GB each, int4 ~9.3 GB), clips, runs, bench and state under --work.
 
-A 24 GiB (or 16 GiB) card is emulated by LOWVRAM_GPU_CAP_GIB, which every lowvram process honours
-(`lowvram.runtime.apply_gpu_cap`: the CUDA caching allocator refuses past it, and the planner sees a card that
-size). The quantizer runs under a 24 GiB cap with its calibration KV caches on disk (--kv-scratch), as a 24 GB
+A 24 GiB (or 16 GiB) card is emulated as a user would ask for it: `lowvram run --gpus 1x24` plans for that card
+and caps each process's CUDA allocator to it (`--gpus 4x24 --share-gpu` puts four such ranks on the one GPU);
+the quantizer, which has no --gpus, honours LOWVRAM_GPU_CAP_GIB the same way. The quantizer runs under a 24 GiB cap with its calibration KV caches on disk (--kv-scratch), as a 24 GB
 machine would; 2 clips (1 held out) x --calib-blocks 1.
 
 Estimates (seconds on an H200; the PHASES table holds them with ~40 % margin; measured figures: RESULTS.md):
@@ -67,7 +67,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python3 benchmarks/product.py` from a checkout
     sys.path.insert(0, str(REPO))
 
-from lowvram.runtime import GPU_CAP_ENV  # noqa: E402
+from lowvram.quantize.pipeline import GPU_CAP_ENV  # noqa: E402
 
 # TODO(issue 14): the opt-in flag that lets ranks share one GPU (gloo between them, each rank capped) is being added
 # on another branch; until `lowvram run --help` lists it, the tp1xpp4 / tp2xpp2 phases are skipped with a note.
@@ -536,7 +536,7 @@ def phase_run(spec: RunSpec) -> Callable[[Ctx], dict]:
                        speech["audio"], "--prompt", speech["prompt"], "-o", str(output), "--size", ctx.size,
                        "--seconds", f"{seconds:g}", "--device", ctx.device, "--json")
         for flag, value in (("--kv", spec.kv if spec.kv != "bf16" else None), ("--tp", spec.tp), ("--pp", spec.pp),
-                            ("--gpus", spec.gpus)):
+                            ("--gpus", spec.gpus or (f"1x{spec.cap_gib:g}" if spec.cap_gib else None))):
             if value is not None:
                 argv += [flag, str(value)]
         argv += extra
@@ -580,10 +580,7 @@ def run_env(ctx: Ctx, name: str, spec: RunSpec) -> dict[str, str]:
     prompts = ctx.runs / ("run-fp8" if spec.warm else name) / "prompt-cache"
     if not spec.warm:
         shutil.rmtree(prompts, ignore_errors=True)
-    env = {"LOWVRAM_CACHE_DIR": str(prompts), "TORCHINDUCTOR_CACHE_DIR": str(ctx.work / "inductor")}
-    if spec.cap_gib is not None:
-        env[GPU_CAP_ENV] = f"{spec.cap_gib:g}"
-    return env
+    return {"LOWVRAM_CACHE_DIR": str(prompts), "TORCHINDUCTOR_CACHE_DIR": str(ctx.work / "inductor")}
 
 
 def stream_figures(ctx: Ctx, summary: dict) -> dict:

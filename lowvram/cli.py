@@ -97,13 +97,18 @@ def run(
     size: str = typer.Option("704*384", "--size", help="Area budget W*H; the image's aspect ratio decides the shape."),
     seed: int = typer.Option(0, "--seed", help="Noise and reference-shift seed (reproducible on any layout)."),
     device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
-    gpus: Optional[str] = typer.Option(None, "--gpus", help="COUNTxGiB to plan for (default: what is visible)."),
+    gpus: Optional[str] = typer.Option(None, "--gpus", help="COUNTxGiB to plan for (default: what is visible); "
+                                       "smaller than the real GPUs, each rank is capped to it."),
+    share_gpu: bool = typer.Option(False, "--share-gpu", help="Allow more ranks than visible GPUs: round-robin on "
+                                   "them, each capped at its --gpus size (default: an equal share), gloo between "
+                                   "them, e.g. --gpus 4x24 --share-gpu emulates four 24 GB cards on one GPU."),
     tp: Optional[int] = typer.Option(None, "--tp", help="Tensor-parallel size (override the plan)."),
     pp: Optional[int] = typer.Option(None, "--pp", help="Pipeline stages over layers (override the plan)."),
     seconds: Optional[float] = typer.Option(None, "--seconds", help="Stop after this many seconds of video."),
     latents: Optional[Path] = typer.Option(None, "--latents", help="Also save every block's clean latents here."),
     kv: str = typer.Option("bf16", "--kv", help="KV cache dtype: bf16 or fp8."),
-    t5_device: Optional[str] = typer.Option(None, "--t5-device", help="Where umT5 runs (default: GPU if ≥16 GB)."),
+    t5_device: Optional[str] = typer.Option(None, "--t5-device", help="Where umT5 runs (default: the GPU when it "
+                                            "fits the planned card, 10.8 GiB in bf16)."),
     t5_quant: Optional[str] = typer.Option(None, "--t5-quant", help="umT5 on the GPU in int8 or nf4 (bitsandbytes)."),
     keep_reference: bool = typer.Option(False, "--keep-reference", help="Keep the image's latent as the reference "
                                         "for the whole stream (upstream single-GPU); default: the first generated "
@@ -124,8 +129,8 @@ def run(
             raise InputError(f"{flag} {path}: no such file")
     summary = run_stream(RunOptions(model_dir=model_dir, image=image, audio=audio, prompt=prompt, output=output,
                                     ckpt_dir=ckpt_dir, lora=lora, size=size, seed=seed, device=device, gpus=gpus,
-                                    tp=tp, pp=pp, seconds=seconds, latents=latents, kv=kv, t5_device=t5_device,
-                                    t5_quantization=t5_quant, ref_update=not keep_reference,
+                                    share_gpu=share_gpu, tp=tp, pp=pp, seconds=seconds, latents=latents, kv=kv,
+                                    t5_device=t5_device, t5_quantization=t5_quant, ref_update=not keep_reference,
                                     compile=compile_, progress=not json_out))
     if "output" not in summary:  # a torchrun rank that neither decodes nor writes
         return

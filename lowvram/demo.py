@@ -126,10 +126,13 @@ def run_demo(out: Path, device: str = "cpu", console=None) -> dict:
 
     first = json.loads((clips / "clips.json").read_text())["clips"][0]
     video = out / "fp8_two_workers.mp4"
-    step("run: the fp8 folder on two pipeline workers (gloo on the CPU) …")
+    share = device == "cuda" and torch.cuda.device_count() < 2
+    where = ("gloo on the CPU" if device == "cpu" else "sharing the one GPU, gloo between them" if share
+             else "NCCL, one GPU each")
+    step(f"run: the fp8 folder on two pipeline workers ({where}) …")
     summary = run(RunOptions(model_dir=quantized["fp8"], ckpt_dir=ckpt, image=clips / first["image"],
                              audio=clips / first["audio"], prompt=first["prompt"], output=video, size="128*128",
-                             device=device, pp=2, seconds=1.0, progress=False))
+                             device=device, pp=2, share_gpu=share, seconds=1.0, progress=False))
     step(f"wrote {video} ({summary['frames']} frames, layout {summary['layout']}, {summary['seconds']} s)")
     from lowvram.benchmarks.bench import BenchOptions, run_bench
 

@@ -5,25 +5,25 @@ Used by `lowvram plan` and by `lowvram run` before anything is loaded. Everythin
 
 Per GPU: weights slice + the 4 timestep-forced KV caches of its layers (its heads under TP) + the shared
 conditioning cache and text K/V + transient activations + CUDA context; the VAE decoder sits on the least
-loaded GPU. Pipeline stages over layers are fed a wavefront of independent (block, step) items, so all
-stages stay busy and throughput scales with the stage count; tensor parallelism adds all-reduces.
+loaded GPU (in the launcher process, with its own CUDA context, when the DiT runs on worker processes). GPU 0
+first hosts the conditioning phase (umT5 where it fits, the VAE encode), freed before the DiT loads. The VAE and
+umT5 figures come from `vae_memory_bytes` / `t5_memory_bytes`, next to their loaders. Pipeline stages over layers
+are fed a wavefront of independent (block, step) items, so all stages stay busy and throughput scales with the
+stage count; tensor parallelism adds all-reduces.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-import torch
 from torch import nn
 
 from lowvram.kernels.linear import KEEP_BF16, weight_bytes
 from lowvram.model.config import DiTConfig
-from lowvram.model.dit import LiveAvatarDiT
 
 GiB = 1024 ** 3
-CUDA_CONTEXT = 0.6 * GiB  # context + cuBLAS/cuDNN workspaces, measured ~0.5-0.7 GiB on Ada/Hopper
+CUDA_CONTEXT = int(0.6 * GiB)  # context + cuBLAS/cuDNN workspaces, measured ~0.5-0.7 GiB on Ada/Hopper
 FRAGMENTATION = 1.05  # caching-allocator slack on top of the live peak
-VAE_DECODE = 2.2 * GiB  # Wan2.1 VAE weights (bf16) + streaming decode working set at 704x384 [estimate]
 STEPS_IN_FLIGHT = 4
 
 # Dense tensor throughput per GPU model (TFLOP/s) and an efficiency factor for a real forward.
@@ -88,8 +88,9 @@ def parse_size(spec: str) -> tuple[int, int]:
 
 def layer_param_bytes(cfg: DiTConfig, recipe: dict[str, str] | None, default_fmt: str) -> tuple[dict[int, int], dict[str, int]]:
     """Bytes of each transformer layer (with its audio injector) and of the non-block groups at the formats."""
-    with torch.device("meta"):
-        model = LiveAvatarDiT(cfg)
+    from lowvram.checkpoint import build_meta_model
+
+    model = build_meta_model(cfg)  # no init on meta tensors (a meta normal_ imports dynamo: ~1 s)
     per_layer = {i: 0 for i in range(cfg.num_layers)}
     inject_layer = dict(enumerate(cfg.audio_inject_layers))
     groups: dict[str, int] = {}
@@ -168,7 +169,8 @@ def forward_flops(cfg: DiTConfig, shape: RunShape) -> float:
 
 
 def plan_layouts(cfg: DiTConfig, gpus: str, shape: RunShape, fmt: str = "int8", recipe: dict | None = None,
-                 link: str = "pcie", gpu_model: str = "rtx4090", host_ram: float | None = None) -> list[Layout]:
+                 link: str = "pcie", gpu_model: str = "rtx4090", host_ram: float | None = None,
+                 t5_quantization: str | None = None) -> list[Layout]:
     count, capacity = parse_gpus(gpus)
     per_layer, groups = layer_param_bytes(cfg, recipe, fmt)
     spec = GPU_MODELS[gpu_model]
@@ -185,7 +187,7 @@ def plan_layouts(cfg: DiTConfig, gpus: str, shape: RunShape, fmt: str = "int8", 
         for s, layers in enumerate(stages):
             mem = stage_memory(cfg, shape, layers, tp, per_layer, groups, s == 0, s == pp - 1, STEPS_IN_FLIGHT)
             lay.per_gpu_bytes.extend([dict(mem, stage=s, layers=f"{layers[0]}-{layers[-1]}") for _ in range(tp)])
-        add_vae_and_totals(lay, capacity)
+        add_vae_and_totals(lay, capacity, shape, t5_quantization)
         allreduces = cfg.num_layers * 3 + len(cfg.audio_inject_layers)
         tp_bytes = 0 if tp == 1 else STEPS_IN_FLIGHT * allreduces * 2 * (tp - 1) / tp * block_act
         pp_bytes = STEPS_IN_FLIGHT * (pp - 1) * block_act
@@ -195,24 +197,66 @@ def plan_layouts(cfg: DiTConfig, gpus: str, shape: RunShape, fmt: str = "int8", 
         lay.seconds_per_block = compute + tp_bytes / (bw * 1e9) + (pp_bytes / pp) / (bw * 1e9)
         layouts.append(lay)
     if count == 1:
-        layouts.append(offload_layout(cfg, shape, per_layer, groups, capacity, spec, fmt, flops_block))
+        layouts.append(offload_layout(cfg, shape, per_layer, groups, capacity, spec, fmt, flops_block,
+                                      t5_quantization))
     layouts.sort(key=lambda l: (not l.fits, l.seconds_per_block))
     return layouts
 
 
-def add_vae_and_totals(lay: Layout, capacity: float) -> None:
-    totals = [sum(v for k, v in m.items() if isinstance(v, int)) for m in lay.per_gpu_bytes]
+def vae_decode_bytes(shape: RunShape) -> int:
+    """The streaming VAE decoder on its GPU during the DiT phase (weights + caches + one latent's transient)."""
+    from lowvram.conditioning.vae import runtime_dtype, vae_memory_bytes
+
+    return int(vae_memory_bytes(shape.height, shape.width, dtype=runtime_dtype("cuda"))["decode_peak"])
+
+
+def t5_on_gpu(capacity: float, quantization: str | None = None) -> bool:
+    """umT5-XXL runs on the GPU when its peak (bf16: 10.8 GiB) fits the card next to a CUDA context."""
+    from lowvram.conditioning.text import t5_memory_bytes
+
+    return (t5_memory_bytes(quantization=quantization)["peak"] + CUDA_CONTEXT) * FRAGMENTATION <= capacity
+
+
+def conditioning_memory(shape: RunShape, capacity: float, t5_quantization: str | None = None) -> dict:
+    """GPU 0 before the DiT loads: umT5 (where it fits), then the VAE encode, one at a time, each freed."""
+    from lowvram.conditioning.text import t5_memory_bytes
+    from lowvram.conditioning.vae import runtime_dtype, vae_memory_bytes
+
+    t5 = int(t5_memory_bytes(quantization=t5_quantization)["peak"])
+    vae = int(vae_memory_bytes(shape.height, shape.width, dtype=runtime_dtype("cuda"))["encode_peak"])
+    on_gpu = t5_on_gpu(capacity, t5_quantization)
+    peak = int((max(t5 if on_gpu else 0, vae) + CUDA_CONTEXT) * FRAGMENTATION)
+    return {"t5_device": "cuda" if on_gpu else "cpu", "t5": t5, "vae_encode": vae, "peak": peak}
+
+
+PHASE_KEYS = ("stage", "peak", "conditioning")  # not summed into the DiT phase
+
+
+def add_vae_and_totals(lay: Layout, capacity: float, shape: RunShape, t5_quantization: str | None = None) -> None:
+    totals = [sum(v for k, v in m.items() if isinstance(v, int) and k not in PHASE_KEYS) for m in lay.per_gpu_bytes]
     least = min(range(len(totals)), key=totals.__getitem__)
-    lay.per_gpu_bytes[least]["vae_decode"] = int(VAE_DECODE)
-    peaks = [int(sum(v for k, v in m.items() if isinstance(v, int) and k != "stage") * FRAGMENTATION)
-             for m in lay.per_gpu_bytes]
-    for m, p in zip(lay.per_gpu_bytes, peaks):
-        m["peak"] = p
-    lay.peak_bytes = max(peaks)
+    lay.per_gpu_bytes[least]["vae_decode"] = vae_decode_bytes(shape)
+    if len(lay.per_gpu_bytes) > 1:  # the DiT runs on worker processes; the VAE in the launcher
+        lay.per_gpu_bytes[least]["launcher_context"] = int(CUDA_CONTEXT)
+    lay.per_gpu_bytes[0]["conditioning"] = conditioning_memory(shape, capacity, t5_quantization)["peak"]
+    for m in lay.per_gpu_bytes:
+        dit_phase = int(sum(v for k, v in m.items() if isinstance(v, int) and k not in PHASE_KEYS) * FRAGMENTATION)
+        m["peak"] = max(dit_phase, m.get("conditioning", 0))
+    lay.peak_bytes = max(m["peak"] for m in lay.per_gpu_bytes)
     lay.fits = lay.peak_bytes <= capacity
 
 
-def offload_layout(cfg, shape, per_layer, groups, capacity, spec, fmt, flops_block) -> Layout:
+OUTSIDE_THE_RANK = ("cuda_context", "vae_decode", "launcher_context")  # on the GPU, not in the rank's allocator
+
+
+def allocator_caps(lay: Layout, capacity: float) -> list[int]:
+    """What each rank's caching allocator may hold so that its GPU's planned contents fit `capacity`: the card
+    minus the CUDA context(s) and, when the DiT runs on workers, the launcher's VAE decoder on that GPU."""
+    outside = OUTSIDE_THE_RANK if len(lay.per_gpu_bytes) > 1 else ("cuda_context",)
+    return [int(capacity - sum(m.get(k, 0) for k in outside)) for m in lay.per_gpu_bytes]
+
+
+def offload_layout(cfg, shape, per_layer, groups, capacity, spec, fmt, flops_block, t5_quantization=None) -> Layout:
     """One GPU: weights resident; every step's KV cache in pinned host RAM, streamed in layer by layer
     (two layers' buffers on the GPU), the block's new rows written back (lowvram/model/offload.py)."""
     layers = sorted(per_layer)
@@ -221,7 +265,7 @@ def offload_layout(cfg, shape, per_layer, groups, capacity, spec, fmt, flops_blo
     one_step = mem["kv_cache"]
     mem["kv_cache"] = int(2 * one_step / len(layers))  # the double buffer
     lay.per_gpu_bytes = [dict(mem, stage=0, layers=f"{layers[0]}-{layers[-1]}")]
-    add_vae_and_totals(lay, capacity)
+    add_vae_and_totals(lay, capacity, shape, t5_quantization)
     lay.host_bytes = int(one_step * STEPS_IN_FLIGHT)
     h, w = shape.latent_hw()
     new_rows = cfg.frames_per_block * (h // 2) * (w // 2) * cfg.dim * 2 * shape.kv_bytes * cfg.num_layers
@@ -252,10 +296,12 @@ def suggestions(cfg: DiTConfig, gpus: str, shape: RunShape, fmt: str, gpu_model:
     return out
 
 
-def plan_summary(layouts: list[Layout]) -> list[dict]:
+def plan_summary(layouts: list[Layout], capacity: float | None = None) -> list[dict]:
     rows = []
     for lay in layouts:
         d = asdict(lay)
+        if capacity is not None:  # what `lowvram run --gpus ... --share-gpu` caps each rank's allocator at
+            d["allocator_caps"] = allocator_caps(lay, capacity)
         d["name"] = lay.name
         d["peak_GiB"] = round(lay.peak_bytes / GiB, 2)
         d["fps"] = round(12 / lay.seconds_per_block, 2) if lay.seconds_per_block else None
@@ -264,22 +310,27 @@ def plan_summary(layouts: list[Layout]) -> list[dict]:
 
 
 def model_source(model_dir) -> tuple[DiTConfig, dict | None, str | None]:
-    """Config (and per-layer recipe and format, for a quantized folder) from headers/JSON only."""
-    import json
+    """Config (and per-layer recipe and format, for a quantized folder) from headers/JSON only, after checking
+    the files a run would read: a checkpoint as `lowvram inspect` does (missing or truncated shards, missing
+    keys), a quantized folder's files against manifest.json (present, sizes, headers; no hashing)."""
     from pathlib import Path
 
+    from lowvram.checkpoint import inspect_checkpoint
     from lowvram.errors import CheckpointError
 
     d = Path(model_dir)
-    manifest = d / "manifest.json"
-    if manifest.exists():
-        m = json.loads(manifest.read_text())
-        cfg = DiTConfig.from_dict(m.get("config") or m.get("model_config") or {})
-        return cfg, m.get("recipe"), m.get("format")
+    if (d / "manifest.json").exists():
+        from lowvram.quantize.loader import verify_folder
+
+        m = verify_folder(d, hashes=False)
+        return DiTConfig.from_dict(m["config"]), m.get("recipe"), m.get("format")
     config = d / "config.json" if d.is_dir() else d.parent / "config.json"
     if not config.exists():
         raise CheckpointError(f"{d}: no config.json or manifest.json; point at the DiT checkpoint folder "
                               f"(Wan2.2-S2V-14B/) or a folder written by `lowvram quantize`")
+    report = inspect_checkpoint(d)
+    if not report["complete"]:
+        raise CheckpointError(report["problem"])
     return DiTConfig.from_json(config), None, None
 
 
@@ -289,9 +340,10 @@ def plan_report(model_dir, gpus: str, size: str, kv: str, link: str, fmt: str | 
     shape = RunShape(h, w, 1 if kv == "fp8" else 2)
     fmt = qfmt or fmt or ("fp8" if GPU_MODELS[gpu_model]["fp8_ok"] else "int8")
     layouts = plan_layouts(cfg, gpus, shape, fmt, recipe, link, gpu_model)
-    best = layouts[0]
+    best, capacity = layouts[0], parse_gpus(gpus)[1]
     report = {"model": cfg.name, "gpus": gpus, "size": f"{h}*{w}", "kv": kv, "format": fmt, "link": link,
-              "gpu_model": gpu_model, "layouts": plan_summary(layouts), "chosen": best.name if best.fits else None}
+              "gpu_model": gpu_model, "layouts": plan_summary(layouts, capacity),
+              "chosen": best.name if best.fits else None, "conditioning": conditioning_memory(shape, capacity)}
     if not best.fits:
         report["suggestions"] = suggestions(cfg, gpus, shape, fmt, gpu_model)
     return report
@@ -317,6 +369,11 @@ def plan_renderables(report: dict):
             "yes" if row["fits"] else "no",
         )
     yield t
+    c = report["conditioning"]
+    vae = max(m.get("vae_decode", 0) for m in report["layouts"][0]["per_gpu_bytes"])
+    yield (f"GPU 0 before the DiT loads (freed after): umT5-XXL on {c['t5_device']} ({c['t5'] / GiB:.1f} GiB), "
+           f"VAE encode {c['vae_encode'] / GiB:.1f} GiB; then the VAE decoder ({vae / GiB:.1f} GiB) on the least "
+           f"loaded GPU")
     if report["chosen"]:
         yield f"chosen: {report['chosen']}"
     else:

@@ -31,7 +31,6 @@ TOKENIZER_DIR = "google/umt5-xxl"
 VAE_FILE = "Wan2.1_VAE.pth"
 WAV2VEC_DIR = "wav2vec2-large-xlsr-53-english"
 FPS = 25
-GPU_CAP_ENV = "LOWVRAM_GPU_CAP_GIB"  # emulate a smaller card: each lowvram process caps its CUDA memory at this
 
 
 @dataclass
@@ -49,6 +48,7 @@ class RunOptions:
     tp: int | None = None
     pp: int | None = None
     gpus: str | None = None
+    share_gpu: bool = False  # more ranks than visible GPUs: round-robin on them, each capped, gloo between them
     seconds: float | None = None
     latents: Path | None = None
     kv: str = "bf16"
@@ -114,41 +114,7 @@ def pick_device(opts: RunOptions) -> str:
         raise InputError("--device cuda but no CUDA GPU is visible; use --device cpu or check the driver")
     else:
         device = opts.device
-    if device == "cuda":
-        apply_gpu_cap()
     return device
-
-
-def gpu_cap_bytes() -> int | None:
-    """LOWVRAM_GPU_CAP_GIB in bytes, or None when unset."""
-    value = os.environ.get(GPU_CAP_ENV)
-    if not value:
-        return None
-    try:
-        return int(float(value) * 1024**3)
-    except ValueError:
-        raise InputError(f"{GPU_CAP_ENV}={value!r}: give the card's memory in GiB, e.g. 24") from None
-
-
-def gpu_memory_bytes(index: int = 0) -> int:
-    """The memory GPU `index` offers this process: the card's, or LOWVRAM_GPU_CAP_GIB if smaller."""
-    total = torch.cuda.get_device_properties(index).total_memory
-    cap = gpu_cap_bytes()
-    return total if cap is None else min(total, cap)
-
-
-def apply_gpu_cap(device: torch.device | str | None = None) -> None:
-    """Under LOWVRAM_GPU_CAP_GIB, make this process see a card of that size on `device` (all visible GPUs if None):
-    the caching allocator refuses past it with an out-of-memory error, as the smaller card would."""
-    if gpu_cap_bytes() is None or not torch.cuda.is_available():
-        return
-    devices = [torch.device(device)] if device is not None else [torch.device("cuda", i)
-                                                                for i in range(torch.cuda.device_count())]
-    for d in devices:
-        if d.type == "cuda":
-            index = d.index if d.index is not None else torch.cuda.current_device()
-            total = torch.cuda.get_device_properties(index).total_memory
-            torch.cuda.set_per_process_memory_fraction(gpu_memory_bytes(index) / total, index)
 
 
 def check_gpu_supports(comps: Components) -> None:
@@ -165,38 +131,107 @@ def check_gpu_supports(comps: Components) -> None:
 
 
 def choose_layout(opts: RunOptions, comps: Components, device: str, latent_hw) -> tuple[int, int, bool]:
-    """(tp, pp, kv_offload): the user's override, or the planner's fastest layout that fits; refuse before loading."""
-    from lowvram.plan import RunShape, plan_layouts
+    """(tp, pp, kv_offload): the user's override, or the planner's fastest layout that fits; refuse before loading.
+    Also decides where the ranks run (opts.extra["placement"]) and the VAE decoder's GPU (opts.extra["vae_gpu"])."""
+    from lowvram.plan import GiB, RunShape, parse_gpus, plan_layouts
 
     if device == "cpu":
         return opts.tp or 1, opts.pp or 1, bool(opts.extra.get("kv_offload"))
     check_gpu_supports(comps)
-    count = torch.cuda.device_count()
-    gib = gpu_memory_bytes(0) / 1024**3
-    gpus = opts.gpus or f"{count}x{int(gib)}"
+    visible = torch.cuda.device_count()
+    total = torch.cuda.get_device_properties(0).total_memory
+    override = bool(opts.tp or opts.pp)
+    world = (opts.tp or 1) * (opts.pp or 1) if override else visible
+    gpus = opts.gpus or default_gpus(visible, total, world, opts.share_gpu)
+    count, capacity = parse_gpus(gpus)
+    if override and world != count:  # an override is planned on its own number of GPUs of that size
+        gpus = f"{world}x{capacity / GiB:g}"
     shape = RunShape(latent_hw[0] * 8, latent_hw[1] * 8, 1 if opts.kv == "fp8" else 2)
     fmt = comps.fmt if comps.fmt in ("fp8", "int8", "int4") else "bf16"
-    layouts = plan_layouts(comps.cfg, gpus, shape, fmt, comps.recipe)
-    if opts.tp or opts.pp:
+    layouts = plan_layouts(comps.cfg, gpus, shape, fmt, comps.recipe, t5_quantization=opts.t5_quantization)
+    if override:
         tp, pp = opts.tp or 1, opts.pp or 1
         match = [l for l in layouts if (l.tp, l.pp) == (tp, pp)]
         fitting = [l for l in match if l.fits]
         if match and not fitting:
             raise DoesNotFitError(f"tp {tp} x pp {pp} needs {match[0].peak_bytes / 1024**3:.1f} GiB per GPU, "
                                   f"more than {gpus}; run `lowvram plan` for a layout that fits")
-        opts.extra["vae_gpu"] = vae_gpu(fitting[0]) if fitting else 0
-        return tp, pp, bool(fitting and fitting[0].mode == "offload")
-    best = next((l for l in layouts if l.fits), None)
-    if best is None:
-        raise DoesNotFitError(f"no layout fits {gpus} GiB at {opts.size}; run `lowvram plan {comps.dit} "
-                              f"--gpus {gpus}` to see what would (fp8 KV, int4, a smaller size, more GPUs)")
-    opts.extra["vae_gpu"] = vae_gpu(best)
-    return best.tp, best.pp, best.mode == "offload"
+        layout = fitting[0] if fitting else None
+    else:
+        layout = next((l for l in layouts if l.fits), None)
+        if layout is None:
+            raise DoesNotFitError(f"no layout fits {gpus} GiB at {opts.size}; run `lowvram plan {comps.dit} "
+                                  f"--gpus {gpus}` to see what would (fp8 KV, int4, a smaller size, more GPUs)")
+        tp, pp = layout.tp, layout.pp
+    placement = place_on_gpus(opts, f"tp{tp}xpp{pp}", tp * pp, visible, total, capacity, layout)
+    opts.extra.update(placement=placement, capacity=capacity,
+                      vae_gpu=placement.gpus[vae_gpu(layout)] if layout is not None else 0)
+    return tp, pp, bool(layout is not None and layout.mode == "offload")
 
 
 def vae_gpu(layout) -> int:
-    """The GPU the planner put the VAE decoder on (the least loaded one)."""
+    """The rank whose GPU the planner gave the VAE decoder (the least loaded one)."""
     return next((i for i, m in enumerate(layout.per_gpu_bytes) if "vae_decode" in m), 0)
+
+
+def default_gpus(visible: int, total: int, world: int, share: bool) -> str:
+    """What to plan for without --gpus: the visible GPUs; with --share-gpu and more ranks than GPUs, `world`
+    GPUs of an equal share of one (two ranks on an 80 GiB card: 2x40)."""
+    from lowvram.plan import GiB
+
+    if share and world > visible:
+        return f"{world}x{int(total / GiB / math.ceil(world / visible))}"
+    return f"{visible}x{int(total / GiB)}"
+
+
+def count_x(count: int, size_bytes: float) -> str:
+    from lowvram.plan import GiB
+
+    return f"{count}x{int(size_bytes / GiB)}"
+
+
+@dataclass
+class Placement:
+    """Where the ranks run: the visible GPU of each, its allocator cap (bytes, None = the whole GPU), the backend;
+    the launcher's cap (conditioning, the VAE decoder)."""
+
+    gpus: list[int]
+    caps: list[int | None]
+    backend: str
+    launcher_cap: int | None = None
+
+    def summary(self) -> dict:
+        gib = lambda b: None if b is None else round(b / 1024**3, 2)
+        return {"gpus": self.gpus, "backend": self.backend, "caps_GiB": [gib(c) for c in self.caps],
+                "launcher_cap_GiB": gib(self.launcher_cap)}
+
+
+def place_on_gpus(opts: RunOptions, name: str, world: int, visible: int, total: int, capacity: float,
+                  layout) -> Placement:
+    """Ranks on the visible GPUs. More ranks than GPUs only with --share-gpu (refused before anything loads
+    otherwise); ranks are capped to the planned GPU size when emulating one (--gpus or --share-gpu)."""
+    from lowvram.parallel.launch import place_ranks
+    from lowvram.plan import CUDA_CONTEXT, GiB, allocator_caps, parse_gpus
+
+    gpus, backend = place_ranks(world, visible)
+    if world > visible and not opts.share_gpu:
+        size = parse_gpus(opts.gpus or default_gpus(visible, total, world, True))[1] / GiB
+        here = "1 is visible" if visible == 1 else f"{visible} are visible"
+        alt = (f"--gpus {visible}x{int(total / GiB)} to plan for what is here" if opts.gpus
+               else f"fewer ranks (--tp x --pp <= {visible})")
+        raise InputError(f"{name} needs {world} GPUs but {here}; pass --share-gpu to run the {world} ranks on "
+                         f"{'it' if visible == 1 else 'them'}, each capped at {size:g} GiB, or {alt}")
+    per_gpu = max(gpus.count(g) for g in set(gpus))
+    if per_gpu * capacity > total * 1.02:  # "24 GB" cards report 23.99 GiB
+        size = f"{capacity / GiB:g} GiB"
+        ranks = f"{per_gpu} ranks of {size} do" if per_gpu > 1 else f"a {size} rank does"
+        raise DoesNotFitError(f"--gpus {count_x(world, capacity)}: {ranks} not fit GPU 0 ({total / GiB:.1f} GiB); "
+                              f"plan for what is here (--gpus {count_x(world, total / per_gpu)}) or make more GPUs "
+                              f"visible")
+    if opts.gpus is None and world <= visible:  # the real GPUs: nothing to emulate
+        return Placement(gpus, [None] * world, backend)
+    caps = allocator_caps(layout, capacity) if layout is not None else [int(capacity - CUDA_CONTEXT)] * world
+    return Placement(gpus, caps, backend, launcher_cap=int(capacity - CUDA_CONTEXT))
 
 
 def prepare_conditioning(opts: RunOptions, comps: Components, device: str):
@@ -204,7 +239,7 @@ def prepare_conditioning(opts: RunOptions, comps: Components, device: str):
     from lowvram.conditioning.audio import audio_features
     from lowvram.conditioning.image import load_reference_image, max_area_for_size
     from lowvram.conditioning.text import TextEncoder
-    from lowvram.conditioning.vae import WanVAE
+    from lowvram.conditioning.vae import WanVAE, runtime_dtype
     from lowvram.parallel.engine import StreamInputs
 
     pixels, (h, w) = load_reference_image(opts.image, max_area_for_size(opts.size))
@@ -216,16 +251,18 @@ def prepare_conditioning(opts: RunOptions, comps: Components, device: str):
         blocks = max(1, min(blocks, math.ceil(opts.seconds * FPS / (4 * comps.cfg.frames_per_block))))
     audio = feats.frames(0, blocks * 4 * comps.cfg.frames_per_block).float().cpu()
     del feats
-    vae = WanVAE.load(comps.vae, device=device)
+    vae = WanVAE.load(comps.vae, device=device, dtype=runtime_dtype(device))
     ref = vae.encode_reference(pixels.to(device)).float().cpu()
     motion = vae.encode_motion(pixels.to(device)).float().cpu()
     del vae
-    t5_device = opts.t5_device or default_t5_device(device)
+    t5_device = opts.t5_device or default_t5_device(device, opts.extra.get("capacity"), opts.t5_quantization)
     small = comps.t5.stat().st_size < 2**30  # tiny test encoders run in float32; umT5-XXL in bf16 (11.4 GB)
     encoder = TextEncoder(comps.t5, comps.tokenizer, device=t5_device,
                           dtype=torch.float32 if small else torch.bfloat16, quantization=opts.t5_quantization)
     context = encoder.encode(opts.prompt).float().cpu()
     encoder.unload()
+    del encoder
+    release_gpu(device)
     if context.shape[-1] != comps.cfg.text_dim:
         raise CheckpointError(f"{comps.t5}: text encoder width {context.shape[-1]} != the DiT's text_dim "
                               f"{comps.cfg.text_dim}; the components come from different models")
@@ -234,11 +271,20 @@ def prepare_conditioning(opts: RunOptions, comps: Components, device: str):
     return inputs, (h, w), motion
 
 
-def default_t5_device(device: str) -> str:
-    """umT5-XXL runs before the DiT loads and is freed: on the GPU when it has room for it (10.7 GiB bf16)."""
-    if device == "cuda" and gpu_memory_bytes(0) >= 16 * 1024**3:
-        return "cuda"
-    return "cpu"
+def release_gpu(device: str) -> None:
+    """Hand the freed encoders' cached blocks (umT5: 10.7 GiB) back to the driver: the DiT ranks that load next
+    are other processes, which this process's allocator cache would otherwise starve."""
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def default_t5_device(device: str, capacity: float | None = None, quantization: str | None = None) -> str:
+    """umT5-XXL runs before the DiT loads and is freed: on the GPU when the (planned) card has room for it."""
+    from lowvram.plan import t5_on_gpu
+
+    if device != "cuda":
+        return "cpu"
+    return "cuda" if t5_on_gpu(capacity or torch.cuda.get_device_properties(0).total_memory, quantization) else "cpu"
 
 
 class BlockSink:
@@ -254,10 +300,10 @@ class BlockSink:
         import queue
         import threading
 
-        from lowvram.conditioning.vae import WanVAE
+        from lowvram.conditioning.vae import WanVAE, runtime_dtype
         from lowvram.media import VideoWriter
 
-        self.vae = WanVAE.load(vae_path, device=device)
+        self.vae = WanVAE.load(vae_path, device=device, dtype=runtime_dtype(device))
         self.decoder = self.vae.streaming_decoder()
         self.decoder.warmup(motion_latents.to(device))
         self.output = Path(output)
@@ -347,12 +393,14 @@ def worker_spec(opts: RunOptions, comps: Components, tp: int, pp: int, device: s
     from lowvram.parallel.worker import WorkerSpec
 
     fmt = comps.fmt if comps.fmt in ("fp8", "int8", "int4") else "bf16"
+    placement = opts.extra.get("placement")
     return WorkerSpec(source=str(comps.dit), cfg=comps.cfg.to_dict(), tp=tp, pp=pp,
                       stages=stage_layers(comps.cfg, pp, fmt, comps.recipe), inputs_path=inputs_path, device=device,
                       dtype="float32" if device == "cpu" else "bfloat16",
                       kv_dtype="fp8" if opts.kv == "fp8" else None, lora=str(comps.lora) if comps.lora else None,
                       quantized=comps.quantized, ref_update=opts.ref_update,
-                      compile=device == "cuda" and opts.compile)
+                      compile=device == "cuda" and opts.compile,
+                      gpus=placement.gpus if placement else None, memory_caps=placement.caps if placement else None)
 
 
 def run_under_torchrun(opts: RunOptions, comps: Components, device: str) -> dict:
@@ -363,11 +411,20 @@ def run_under_torchrun(opts: RunOptions, comps: Components, device: str) -> dict
     import torch.distributed as dist
 
     from lowvram.parallel.engine import StageRunner, make_topology
-    from lowvram.parallel.launch import init_distributed, shutdown_distributed
+    from lowvram.parallel.launch import init_distributed, place_ranks, shutdown_distributed
     from lowvram.parallel.worker import device_for, load_stage
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    init_distributed(rank, world, "nccl" if device == "cuda" else "gloo")
+    backend = "gloo"
+    if device == "cuda":
+        local, visible = int(os.environ.get("LOCAL_WORLD_SIZE", world)), torch.cuda.device_count()
+        backend = place_ranks(local, visible)[1]
+        if local > visible and not opts.share_gpu:
+            raise InputError(f"torchrun started {local} ranks on this machine but {visible} GPU(s) are visible; "
+                             f"pass --share-gpu to run them on the visible GPUs (gloo between them) or start "
+                             f"--nproc-per-node {visible}")
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % visible)
+    init_distributed(rank, world, backend)
     tp = opts.tp or 1
     pp = opts.pp or world // tp
     if tp * pp != world:
@@ -380,13 +437,13 @@ def run_under_torchrun(opts: RunOptions, comps: Components, device: str) -> dict
     inputs, _, motion = box[0]
     spec = worker_spec(opts, comps, tp, pp, device, inputs_path="")
     topo = make_topology(tp, pp)
-    model = load_stage(spec, topo, device_for(spec, rank))
+    here = device_for(spec, rank)
+    model = load_stage(spec, topo, here)
     sink = None
     with contextlib.ExitStack() as stack:
         if topo.last and topo.tp_rank == 0:
             stack.enter_context(hold_lock(lock_path_for(opts.output), f"--output {opts.output}"))
-            sink = BlockSink(comps.vae, motion, opts.output, opts.audio,
-                             "cpu" if device == "cpu" else f"cuda:{opts.extra.get('vae_gpu', 0)}",
+            sink = BlockSink(comps.vae, motion, opts.output, opts.audio, str(here),  # decodes on its own GPU
                              inputs.num_blocks, opts.latents, make_progress(opts, inputs.num_blocks))
         try:
             StageRunner(model, topo, inputs, kv_dtype=torch.float8_e4m3fn if opts.kv == "fp8" else None,
@@ -433,10 +490,15 @@ def run_locked(opts: RunOptions, comps: Components, device: str) -> dict:
     img = read_image(opts.image)
     h, w = target_size(img.shape[0], img.shape[1], max_area_for_size(opts.size))
     tp, pp, kv_offload = choose_layout(opts, comps, device, (h // 8, w // 8))
+    placement = opts.extra.get("placement")
+    if placement is not None and placement.launcher_cap is not None:
+        from lowvram.parallel.launch import cap_memory
+
+        for g in sorted({torch.cuda.current_device(), opts.extra["vae_gpu"]}):
+            cap_memory(torch.device("cuda", g), placement.launcher_cap)
     t_start = time.monotonic()
     inputs, _, motion = prepare_conditioning(opts, comps, device)
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    conditioning_peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
     progress = make_progress(opts, inputs.num_blocks)
     sink = BlockSink(comps.vae, motion, opts.output, opts.audio,
                      "cpu" if device == "cpu" else f"cuda:{opts.extra.get('vae_gpu', 0)}",
@@ -466,8 +528,7 @@ def run_locked(opts: RunOptions, comps: Components, device: str) -> dict:
             else:
                 from lowvram.parallel.launch import spawn
 
-                backend = "nccl" if device == "cuda" else "gloo"
-                spawn(run_worker, (spec,), tp * pp, backend, on_message)
+                spawn(run_worker, (spec,), tp * pp, placement.backend if placement else "gloo", on_message)
     except BaseException as err:
         if progress is not None:
             progress.close()
@@ -486,7 +547,8 @@ def run_locked(opts: RunOptions, comps: Components, device: str) -> dict:
             "seconds": round(elapsed, 2), "fps": round(sink.writer.frames_written / max(elapsed, 1e-9), 2),
             "layout": f"tp{tp}xpp{pp}" + ("-offload" if kv_offload else ""), "device": device,
             "time_to_first_frame_s": sink.first_frame_s, "block_times_s": sink.block_times,
-            "block_frames": sink.block_frames, "ranks": ranks, "replaced": replaced}
+            "block_frames": sink.block_frames, "ranks": ranks, "replaced": replaced,
+            "conditioning_gpu_alloc_bytes": conditioning_peak, "placement": placement.summary() if placement else None}
 
 
 class make_progress:

@@ -200,8 +200,11 @@ class QuantStream(Stream):
         return super().forward(x, step, *args, **kwargs)
 
 
-def verify_folder(folder: str | Path) -> dict:
-    """Check every file listed in manifest.json against its sha256; returns the manifest."""
+def verify_folder(folder: str | Path, hashes: bool = True) -> dict:
+    """Check every file listed in manifest.json: present, of the listed size, a readable safetensors header,
+    and (with `hashes`) its sha256; returns the manifest. Without hashes it reads headers only (`lowvram plan`)."""
+    from lowvram.checkpoint import read_header
+
     from .io import file_sha256
 
     folder = Path(folder)
@@ -210,8 +213,17 @@ def verify_folder(folder: str | Path) -> dict:
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"{path}: missing from the quantized folder; {RERUN}")
-        got = file_sha256(path)
-        if got != entry["sha256"]:
-            raise CheckpointError(f"{path}: sha256 {got[:12]}... does not match manifest.json "
-                                  f"({entry['sha256'][:12]}...): the file was changed or is corrupt; {RERUN}")
+        size, listed = path.stat().st_size, int(entry.get("bytes", -1))
+        if listed >= 0 and size != listed:
+            raise CheckpointError(f"{path}: {size:,} bytes, manifest.json lists {listed:,} (truncated or changed); "
+                                  f"{RERUN}")
+        try:
+            read_header(path)
+        except CheckpointError:
+            raise CheckpointError(f"{path}: corrupt safetensors header; {RERUN}") from None
+        if hashes:
+            got = file_sha256(path)
+            if got != entry["sha256"]:
+                raise CheckpointError(f"{path}: sha256 {got[:12]}... does not match manifest.json "
+                                      f"({entry['sha256'][:12]}...): the file was changed or is corrupt; {RERUN}")
     return manifest

@@ -50,6 +50,7 @@ PROGRESS = "progress.json"
 WORK = ".work"
 REPORT_JSON = "quant_report.json"
 REPORT_MD = "quant_report.md"
+GPU_CAP_ENV = "LOWVRAM_GPU_CAP_GIB"  # emulate a smaller card while quantizing (run: --gpus 1x24 does that)
 # test hook, "LAYER" or "LAYER:SIGNAL": after this layer's files are written, hard exit 75 or send SIGNAL to itself
 EXIT_AFTER_ENV = "LOWVRAM_QUANTIZE_EXIT_AFTER_BLOCK"
 
@@ -86,16 +87,28 @@ class QuantizeOptions:
 
 
 def _device(name: str) -> torch.device:
-    from lowvram.runtime import apply_gpu_cap
-
     if name == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     elif name.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {name} but no CUDA GPU is visible; use --device cpu")
     else:
         device = torch.device(name)
-    apply_gpu_cap(device)
+    _apply_gpu_cap(device)
     return device
+
+
+def _apply_gpu_cap(device: torch.device) -> None:
+    """Under LOWVRAM_GPU_CAP_GIB, calibrate as on a card of that size (the allocator refuses past it)."""
+    from lowvram.parallel.launch import cap_memory
+
+    value = os.environ.get(GPU_CAP_ENV)
+    if not value or device.type != "cuda":
+        return
+    try:
+        cap = int(float(value) * 1024**3)
+    except ValueError:
+        raise InputError(f"{GPU_CAP_ENV}={value!r}: give the card's memory in GiB, e.g. 24") from None
+    cap_memory(device, cap)
 
 
 class _Bar:

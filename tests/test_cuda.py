@@ -160,3 +160,115 @@ def test_tensor_parallel_compiled_layers_match_the_cpu_stream(tmp_path):
     """tp=2 with the layers compiled (the all-reduces inside compiled graphs), both ranks on this GPU over gloo
     (NCCL refuses two ranks on one device): the same latents as the single-process CPU sampler."""
     assert max_difference_of(TP_COMPILED, str(tmp_path)) < 1e-3
+
+
+# ----- ranks sharing one GPU (gloo, p2p staged through pinned host memory) ------------------------------------
+
+
+def lowvram_on_one_gpu(*args: str, timeout: int = 600):
+    """`lowvram ARGS` as a user starts it, on a machine that shows one GPU (the others hidden)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0])
+    return subprocess.run([sys.executable, "-m", "lowvram.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=str(Path(__file__).parent.parent))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The demo's tiny checkpoint and the single-process CUDA run every layout is compared with."""
+    import json
+
+    from lowvram.demo import face_like_image, speech_like_wave, write_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("ckpt")
+    lora = write_tiny_checkpoint(root)
+    face_like_image(root / "face.png", 128, 128)
+    speech_like_wave(root / "speech.wav", 1.6, seed=1)
+
+    def run(name: str, *extra: str):
+        args = ["run", root, "--image", root / "face.png", "--audio", root / "speech.wav", "--prompt",
+                "a baker talks", "--lora", lora, "--size", "128*128", "--device", "cuda", "--seconds", "1",
+                "-o", root / f"{name}.mp4", "--latents", root / f"{name}.safetensors", "--json", *extra]
+        r = lowvram_on_one_gpu(*args)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads(r.stdout.strip().splitlines()[-1]), root / f"{name}.safetensors"
+
+    return run, run("single")
+
+
+def latent_errors(a_path, b_path) -> tuple[float, float]:
+    from safetensors.torch import load_file
+
+    a, b = load_file(a_path), load_file(b_path)
+    assert sorted(a) == sorted(b) == ["block_00000", "block_00001", "block_00002"]  # 3 blocks: past clip 0's swap
+    abs_err = max((a[k] - b[k]).abs().max().item() for k in a)
+    rel = max(((a[k] - b[k]).norm() / a[k].norm()).item() for k in a)
+    return abs_err, rel
+
+
+def test_two_pipeline_ranks_on_one_gpu_give_the_single_process_latents(tiny_run):
+    run, (single, single_latents) = tiny_run
+    refused = lowvram_on_one_gpu("run", single_latents.parent, "--image", single_latents.parent / "face.png",
+                                 "--audio", single_latents.parent / "speech.wav", "--prompt", "x", "--device", "cuda",
+                                 "--pp", "2", "-o", single_latents.parent / "refused.mp4")
+    assert refused.returncode == 2 and "pass --share-gpu" in refused.stderr.strip().splitlines()[-1]
+    summary, latents = run("pp2", "--pp", "2", "--share-gpu")
+    assert summary["layout"] == "tp1xpp2" and summary["placement"]["backend"] == "gloo"
+    assert summary["placement"]["gpus"] == [0, 0] and all(c is not None for c in summary["placement"]["caps_GiB"])
+    abs_err, _ = latent_errors(single_latents, latents)
+    assert abs_err <= 1e-3, abs_err  # the same per-layer kernels on the same inputs: equal up to kernel choice
+
+
+def test_two_tensor_parallel_ranks_on_one_gpu_give_the_single_process_latents(tiny_run):
+    run, (single, single_latents) = tiny_run
+    summary, latents = run("tp2", "--tp", "2", "--share-gpu")
+    assert summary["layout"] == "tp2xpp1" and summary["placement"]["backend"] == "gloo"
+    _, rel = latent_errors(single_latents, latents)
+    assert rel < 2e-2, rel  # bf16 row-parallel partial sums are rounded before the all-reduce
+
+
+def test_four_stages_and_tp2xpp2_emulated_on_one_gpu(tiny_run):
+    """The layouts the lead measures at full size (4 capped processes on one GPU), at the tiny size."""
+    run, (single, single_latents) = tiny_run
+    for name, extra in (("pp4", ("--gpus", "4x8", "--pp", "4")), ("tp2pp2", ("--gpus", "4x8", "--tp", "2",
+                                                                           "--pp", "2"))):
+        summary, latents = run(name, *extra, "--share-gpu")
+        assert summary["placement"]["gpus"] == [0, 0, 0, 0] and summary["placement"]["launcher_cap_GiB"] < 8
+        assert all(c < 8 for c in summary["placement"]["caps_GiB"])
+        abs_err, rel = latent_errors(single_latents, latents)
+        assert (abs_err <= 1e-3) if name == "pp4" else (rel < 2e-2), (name, abs_err, rel)
+
+
+def test_demo_passes_on_one_gpu(tmp_path):
+    r = lowvram_on_one_gpu("demo", "--device", "cuda", "--out", tmp_path / "demo")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "two pipeline workers (sharing the one GPU" in " ".join(r.stdout.split())
+    assert (tmp_path / "demo" / "fp8_two_workers.mp4").stat().st_size > 0
+
+
+# ----- the VAE's real memory against the function `plan` budgets with -----------------------------------------
+
+
+def test_vae_bf16_peaks_match_vae_memory_bytes():
+    """The full-size Wan2.1 VAE (random weights) in the dtype `lowvram run` uses on a GPU, at 704x384: the measured
+    encode (reference + 73-frame motion clip) and streaming-decode peaks are within 10 % of vae_memory_bytes."""
+    from diffusers import AutoencoderKLWan
+
+    from lowvram.conditioning.vae import VAEConfig, WanVAE, measure_vae_memory, runtime_dtype, vae_memory_bytes
+
+    cfg = VAEConfig.wan21()
+    dtype = runtime_dtype("cuda")
+    with torch.device("cuda"):
+        model = AutoencoderKLWan(**cfg.diffusers_kwargs()).to(dtype).eval().requires_grad_(False)
+    vae = WanVAE(model, cfg)
+    measured = measure_vae_memory(vae, 384, 704, blocks=2)
+    computed = vae_memory_bytes(384, 704, dtype=dtype)
+    for key in ("encode_peak", "decode_peak"):
+        err = abs(measured[key] - computed[key]) / measured[key]
+        assert err < 0.10, (key, measured[key] / 2**30, computed[key] / 2**30)
+    del vae, model
+    torch.cuda.empty_cache()

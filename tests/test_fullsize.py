@@ -106,24 +106,24 @@ def test_tiny_model_folder_loads_everywhere(tmp_path):
     assert Wav2Vec2Encoder(dit / runtime.WAV2VEC_DIR).num_states == sizes.dit.audio_layers
 
 
-def test_the_gpu_cap_makes_a_smaller_card(monkeypatch):
+def test_the_quantizer_gpu_cap_makes_a_smaller_card(monkeypatch):
+    from lowvram.quantize import pipeline
+
     total = 139 * 1024**3
     calls = []
     fake = types.SimpleNamespace(
-        is_available=lambda: True, device_count=lambda: 1, current_device=lambda: 0,
-        get_device_properties=lambda i: types.SimpleNamespace(total_memory=total),
-        set_per_process_memory_fraction=lambda fraction, index: calls.append((round(fraction * total), index)))
-    monkeypatch.setattr(runtime.torch, "cuda", fake)
-    monkeypatch.delenv(runtime.GPU_CAP_ENV, raising=False)
-    runtime.apply_gpu_cap()
-    assert calls == [] and runtime.gpu_memory_bytes(0) == total
-    monkeypatch.setenv(runtime.GPU_CAP_ENV, "24")
-    runtime.apply_gpu_cap()
-    runtime.apply_gpu_cap("cuda:0")
-    assert calls == [(24 * 1024**3, 0)] * 2
-    assert runtime.gpu_memory_bytes(0) == 24 * 1024**3 and runtime.default_t5_device("cuda") == "cuda"
-    monkeypatch.setenv(runtime.GPU_CAP_ENV, "12")
-    assert runtime.default_t5_device("cuda") == "cpu"  # umT5-XXL's 10.7 GiB does not go on a 12 GiB card
-    monkeypatch.setenv(runtime.GPU_CAP_ENV, "lots")
+        is_available=lambda: True, get_device_properties=lambda d: types.SimpleNamespace(total_memory=total),
+        set_per_process_memory_fraction=lambda fraction, d: calls.append((round(fraction * total), str(d))))
+    monkeypatch.setattr(pipeline.torch, "cuda", fake)
+    monkeypatch.setattr("lowvram.parallel.launch.torch.cuda", fake)
+    monkeypatch.delenv(pipeline.GPU_CAP_ENV, raising=False)
+    pipeline._apply_gpu_cap(runtime.torch.device("cuda", 0))
+    assert calls == []
+    monkeypatch.setenv(pipeline.GPU_CAP_ENV, "24")
+    pipeline._apply_gpu_cap(runtime.torch.device("cuda", 0))
+    pipeline._apply_gpu_cap(runtime.torch.device("cpu"))
+    assert calls == [(24 * 1024**3, "cuda:0")]
+    monkeypatch.setenv(pipeline.GPU_CAP_ENV, "lots")
     with pytest.raises(InputError, match="GiB"):
-        runtime.apply_gpu_cap()
+        pipeline._apply_gpu_cap(runtime.torch.device("cuda", 0))
+

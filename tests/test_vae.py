@@ -6,6 +6,7 @@ its name. The weights are written to a real-layout .pth (upstream names, torch.s
 """
 
 import json
+import math
 
 import pytest
 import torch
@@ -143,6 +144,7 @@ def test_key_conversion_matches_map(cfg):
     shapes = cfg.upstream_shapes()
     assert sorted(shapes) == sorted(up for up, _, _ in pairs)
     assert all(list(shapes[up]) == list(shape) for up, _, shape in pairs)
+    assert cfg.num_params() == sum(math.prod(s) for s in shapes.values())  # the analytic count `plan` uses
 
 
 def test_real_config_matches_manifest():
@@ -154,6 +156,7 @@ def test_real_config_matches_manifest():
     assert list(cfg.latent_mean) == man["wrapper_config"]["latent_mean"]
     assert list(cfg.latent_std) == man["wrapper_config"]["latent_std"]
     assert sorted(upstream_keys(cfg)) == sorted(man["keys"])
+    assert cfg.num_params() == sum(math.prod(v["shape"]) for v in man["keys"].values()) == 126_892_531
 
 
 def test_real_layout_pth_config_inferred(tiny_pth, vae):

@@ -1,5 +1,6 @@
 """The parallel DiT engine: pipeline stages over layers fed a wavefront of (block, step) items, tensor
-parallelism inside a stage, one process per rank over torch.distributed (NCCL on GPUs, gloo on CPU).
+parallelism inside a stage, one process per rank over torch.distributed (NCCL when every rank has its own GPU,
+gloo on CPU and between ranks that share a GPU).
 
 Under timestep forcing, step s of block b needs only the latent of (b, s-1) and step s's KV cache of the
 previous blocks, so (b, 3), (b+1, 2), (b+2, 1), (b+3, 0) are independent. Every rank walks the same static
@@ -111,25 +112,37 @@ def clip_noise(cfg, inputs: StreamInputs, clip: int) -> torch.Tensor:
     return torch.randn(cfg.in_dim, cfg.frames_per_block * cfg.blocks_per_clip, h, w, generator=g)
 
 
-class Channel:
-    """Point-to-point transport of fixed-shape tensors between stages; sends are non-blocking."""
+def host_staged(device) -> bool:
+    """gloo's send/recv take host tensors only (a CUDA tensor there aborts the process); NCCL takes CUDA ones."""
+    return torch.device(device).type == "cuda" and dist.is_initialized() and dist.get_backend() == "gloo"
 
-    def __init__(self, device):
-        self.device = device
+
+class Channel:
+    """Point-to-point transport of fixed-shape tensors between stages; sends are non-blocking. Every send/recv
+    between stages goes through here; with `staged` (gloo between CUDA ranks) through pinned host buffers."""
+
+    def __init__(self, device, staged: bool | None = None):
+        self.device = torch.device(device)
+        self.staged = host_staged(self.device) if staged is None else staged
         self.pending = []
+
+    def buffer(self, shape, dtype) -> torch.Tensor:
+        if self.staged:
+            return torch.empty(shape, dtype=dtype, pin_memory=self.device.type == "cuda")
+        return torch.empty(shape, dtype=dtype, device=self.device)
 
     def send(self, tensors: list[torch.Tensor], dst: int) -> None:
         for t in tensors:
-            t = t.contiguous()
-            self.pending.append((dist.isend(t, dst), t))
+            t = self.buffer(t.shape, t.dtype).copy_(t) if self.staged else t.contiguous()
+            self.pending.append((dist.isend(t, dst), t))  # kept alive until the send completes
         self.pending = [(w, t) for w, t in self.pending if not w.is_completed()]
 
     def recv(self, like: list[tuple[tuple, torch.dtype]], src: int) -> list[torch.Tensor]:
         out = []
         for shape, dtype in like:
-            t = torch.empty(shape, dtype=dtype, device=self.device)
+            t = self.buffer(shape, dtype)
             dist.recv(t, src)
-            out.append(t)
+            out.append(t.to(self.device, non_blocking=True) if self.staged else t)
         return out
 
     def flush(self) -> None:

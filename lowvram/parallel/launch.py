@@ -1,10 +1,14 @@
 """Process launch and fault handling for the parallel engine.
 
-`lowvram run` spawns one worker per rank (NCCL on GPUs, gloo on CPU) and stays alive as the sink: workers
+`lowvram run` spawns one worker per rank and stays alive as the sink: workers
 send finished block latents back over a queue, and the launcher decodes and writes them. If a worker dies
 (or raises), every other worker is terminated within seconds, the launcher reports one line naming the rank
 and the cause, and what was already written stays playable. Under an external `torchrun` (RANK/WORLD_SIZE
 set) the same worker code runs in-process and the last stage's TP rank 0 is the sink.
+
+Rank r runs on visible GPU r % count. NCCL is used when every rank has its own GPU; when ranks share one
+(NCCL refuses two ranks on a device) the whole group runs over gloo, point-to-point tensors staged through host
+memory (engine.Channel). A rank may cap its caching allocator to emulate a smaller GPU (`cap_memory`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,10 @@ import torch.multiprocessing as mp
 
 from lowvram.errors import LowvramError
 
-WORKER_TIMEOUT_S = 60
+# A collective may wait for its peers' loading and first compile, which add up along a pipeline (stage 3 receives
+# after stages 0-2 each compiled their prefill: minutes at full size). Dead ranks are caught within seconds by
+# the launcher's exit-code watch, not by this timeout.
+WORKER_TIMEOUT_S = 600
 
 
 class RankFailed(LowvramError):
@@ -40,6 +47,21 @@ def free_port() -> int:
 
 def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def place_ranks(world: int, visible: int) -> tuple[list[int], str]:
+    """(visible GPU of each rank, backend): round-robin; NCCL when each rank has its own GPU, else gloo."""
+    return [r % visible for r in range(world)], "nccl" if world <= visible else "gloo"
+
+
+def cap_memory(device, cap_bytes: int | None) -> None:
+    """Emulate a GPU of `cap_bytes`: this process's caching allocator may hold at most that much on `device`
+    (the CUDA context comes on top, as on the real card)."""
+    if cap_bytes is None:
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    if cap_bytes < total:
+        torch.cuda.set_per_process_memory_fraction(cap_bytes / total, device)
 
 
 def init_distributed(rank: int, world: int, backend: str, port: int | None = None) -> None:

@@ -30,14 +30,13 @@ class WorkerSpec:
     quantized: bool = False
     ref_update: bool = False  # swap the reference after clip 0 (upstream's multi-GPU behaviour)
     compile: bool = False  # torch.compile the per-layer math (CUDA only)
+    gpus: list[int] | None = None  # the visible GPU of each rank (default: LOCAL_RANK, else rank, modulo the count)
+    memory_caps: list[int | None] | None = None  # each rank's allocator cap in bytes (emulating smaller GPUs)
 
 
 def load_stage(spec: WorkerSpec, topo, device):
     """This rank's slice of the DiT, ready to run: q/k/v fused into one GEMM, compiled if asked (CUDA)."""
     from lowvram.model.dit import fuse_qkv_
-    from lowvram.runtime import apply_gpu_cap
-
-    apply_gpu_cap(device)
     cfg = DiTConfig.from_dict(spec.cfg)
     layers = spec.stages[topo.stage]
     if spec.quantized:
@@ -73,15 +72,22 @@ def compile_layers(device_type: str, warn: bool) -> bool:
 
 
 def device_for(spec: WorkerSpec, rank: int) -> torch.device:
-    if spec.device == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
-    return torch.device("cpu")
+    if spec.device != "cuda":
+        return torch.device("cpu")
+    if spec.gpus is not None:
+        return torch.device("cuda", spec.gpus[rank])
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
 
 
 def run_worker(rank: int, world: int, out_queue, spec: WorkerSpec) -> torch.device:
     """Spawned-worker body: finished latents go back to the launcher over `out_queue`; returns the device used."""
-    topo = make_topology(spec.tp, spec.pp)
+    from lowvram.parallel.launch import cap_memory
+
     device = device_for(spec, rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        cap_memory(device, spec.memory_caps[rank] if spec.memory_caps else None)
+    topo = make_topology(spec.tp, spec.pp)
     model = load_stage(spec, topo, device)
     inputs: StreamInputs = torch.load(spec.inputs_path, weights_only=False)
     kill = os.environ.get("LOWVRAM_TEST_KILL_RANK")  # "rank:item" — fault-injection hook for the tests
