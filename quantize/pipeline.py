@@ -108,7 +108,7 @@ def _apply_gpu_cap(device: torch.device) -> None:
         cap = int(float(value) * 1024**3)
     except ValueError:
         raise InputError(f"{GPU_CAP_ENV}={value!r}: give the card's memory in GiB, e.g. 24") from None
-    cap_memory(device, cap)
+    cap_memory(torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device()), cap)
 
 
 class _Bar:
