@@ -28,3 +28,10 @@ class DoesNotFitError(LowvramError):
     """The requested layout does not fit the GPUs' memory."""
 
     exit_code = 3
+
+
+def one_of(flag: str, value, choices):
+    """`value` if it is one of `choices`, else an InputError naming the valid ones (e.g. "--link usb: use ...")."""
+    if value not in choices:
+        raise InputError(f"{flag} {value}: not a valid choice; use one of {', '.join(map(str, choices))}")
+    return value

@@ -11,8 +11,9 @@
 
 from __future__ import annotations
 
-import json
 import math
+import re
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -20,14 +21,19 @@ from pathlib import Path
 
 import torch
 
-from lowvram.errors import CheckpointError, DoesNotFitError, InputError
+from lowvram.errors import CheckpointError, DoesNotFitError, InputError, one_of
+from lowvram.manifest import MANIFEST, check_tp_split, read_manifest
 from lowvram.model.config import DiTConfig
+from lowvram.plan import check_gpus, check_layout
 
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 TOKENIZER_DIR = "google/umt5-xxl"
 VAE_FILE = "Wan2.1_VAE.pth"
 WAV2VEC_DIR = "wav2vec2-large-xlsr-53-english"
 FPS = 25
+DEVICES = ("auto", "cuda", "cpu")
+T5_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+MP4_BYTES_PER_PIXEL = 0.5  # per frame: pessimistic H.264 at crf 18 (noise-like frames; faces compress ~10x more)
 
 
 @dataclass
@@ -68,6 +74,7 @@ class Components:
     lora: Path | None
     recipe: dict | None = None
     fmt: str = "bf16"
+    manifest: dict | None = None  # a quantized folder's
 
 
 def find_components(opts: RunOptions) -> Components:
@@ -75,22 +82,25 @@ def find_components(opts: RunOptions) -> Components:
     d = Path(opts.model_dir)
     if not d.exists():
         raise InputError(f"{d}: no such folder; pass the folder written by `lowvram quantize` or the checkpoint")
-    manifest = d / "manifest.json"
-    if manifest.exists():
-        m = json.loads(manifest.read_text())
-        cfg = DiTConfig.from_dict(m.get("config") or m.get("model_config") or {})
+    if (d / MANIFEST).exists():
+        m = read_manifest(d)
+        cfg = DiTConfig.from_dict(m["config"])
         source = m.get("source", {})
         src_dir = source.get("path") or source.get("checkpoint") if isinstance(source, dict) else source
         ckpt = Path(opts.ckpt_dir or (src_dir if src_dir else d))
         if ckpt.is_file():
             ckpt = ckpt.parent
         comps = Components(d, True, cfg, ckpt / T5_FILE, ckpt / TOKENIZER_DIR, ckpt / VAE_FILE, ckpt / WAV2VEC_DIR,
-                           None, m.get("recipe"), m.get("format", "mixed"))
+                           None, m["recipe"], m["format"], m)
     else:
         if not (d / "config.json").exists():
             raise CheckpointError(f"{d}: neither a quantized folder (manifest.json) nor a checkpoint (config.json); "
                                   f"pass the Wan2.2-S2V-14B folder or the output of `lowvram quantize`")
+        from lowvram.checkpoint import checkpoint_index
+
         cfg = DiTConfig.from_json(d / "config.json")
+        for weights in (d, opts.lora) if opts.lora else (d,):
+            checkpoint_index(weights)  # headers only: a missing shard or a pickle is refused before any compute
         ckpt = Path(opts.ckpt_dir or d)
         lora = opts.lora
         comps = Components(d, False, cfg, ckpt / T5_FILE, ckpt / TOKENIZER_DIR, ckpt / VAE_FILE, ckpt / WAV2VEC_DIR,
@@ -104,11 +114,42 @@ def find_components(opts: RunOptions) -> Components:
 
 
 def pick_device(opts: RunOptions) -> str:
+    one_of("--device", opts.device, DEVICES)
     if opts.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if opts.device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda but no CUDA GPU is visible; use --device cpu or check the driver")
     return opts.device
+
+
+def check_options(opts: RunOptions) -> None:
+    """The flags that need no model, refused before anything is read or computed."""
+    from lowvram.plan import KV_DTYPES
+
+    one_of("--kv", opts.kv, KV_DTYPES)
+    if opts.seconds is not None and not 0 < opts.seconds < math.inf:
+        raise InputError(f"--seconds {opts.seconds}: must be a positive number of seconds of video (e.g. 5)")
+    if opts.t5_device is not None and not T5_DEVICE.fullmatch(opts.t5_device):
+        raise InputError(f"--t5-device {opts.t5_device}: use cpu, cuda or cuda:N")
+
+
+def check_output(path: Path, height: int, width: int, block_frames: int) -> None:
+    """Refuse an output the video cannot be written to, before any compute: a folder, a place without write
+    permission, or a disk without room for the first block."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"-o {path}: is a folder; give a file name, e.g. -o {path / 'out.mp4'}")
+    folder = next(p for p in path.absolute().parents if p.exists())  # VideoWriter creates the missing ones
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise InputError(f"-o {path}: cannot write in {folder} ({err.strerror}); choose a writable folder") from None
+    need = int(block_frames * height * width * MP4_BYTES_PER_PIXEL)
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise InputError(f"-o {path}: {folder} has {free / 1e6:.1f} MB free, the first block alone needs "
+                         f"~{need / 1e6:.1f} MB; free some space or write to another disk")
 
 
 def check_gpu_supports(comps: Components) -> None:
@@ -128,14 +169,19 @@ def choose_layout(opts: RunOptions, comps: Components, device: str, latent_hw) -
     """(tp, pp, kv_offload): the user's override, or the planner's fastest layout that fits; refuse before loading."""
     from lowvram.plan import RunShape, plan_layouts
 
+    shape = RunShape(latent_hw[0] * 8, latent_hw[1] * 8, 1 if opts.kv == "fp8" else 2)
+    fmt = comps.fmt if comps.fmt in ("fp8", "int8", "int4") else "bf16"
     if device == "cpu":
+        from lowvram.conditioning.vae import read_vae_config
+        from lowvram.plan import check_cpu_run_fits
+
+        check_cpu_run_fits(comps.cfg, shape, fmt, comps.recipe, read_vae_config(comps.vae),
+                           what=f"--size {opts.size} ({shape.height}*{shape.width} for this image)")
         return opts.tp or 1, opts.pp or 1, bool(opts.extra.get("kv_offload"))
     check_gpu_supports(comps)
     count = torch.cuda.device_count()
     gib = torch.cuda.get_device_properties(0).total_memory / 1024**3
     gpus = opts.gpus or f"{count}x{int(gib)}"
-    shape = RunShape(latent_hw[0] * 8, latent_hw[1] * 8, 1 if opts.kv == "fp8" else 2)
-    fmt = comps.fmt if comps.fmt in ("fp8", "int8", "int4") else "bf16"
     layouts = plan_layouts(comps.cfg, gpus, shape, fmt, comps.recipe)
     if opts.tp or opts.pp:
         tp, pp = opts.tp or 1, opts.pp or 1
@@ -170,9 +216,7 @@ def prepare_conditioning(opts: RunOptions, comps: Components, device: str):
     pixels, (h, w) = load_reference_image(opts.image, max_area_for_size(opts.size))
     feats = audio_features(opts.audio, comps.wav2vec, device=device)
     blocks = feats.num_blocks
-    if opts.seconds is not None:
-        if opts.seconds <= 0:
-            raise InputError(f"--seconds {opts.seconds}: must be positive")
+    if opts.seconds is not None:  # positive and finite (check_options)
         blocks = max(1, min(blocks, math.ceil(opts.seconds * FPS / (4 * comps.cfg.frames_per_block))))
     audio = feats.frames(0, blocks * 4 * comps.cfg.frames_per_block).float().cpu()
     del feats
@@ -354,14 +398,21 @@ def run(opts: RunOptions) -> dict:
     from lowvram.parallel.launch import under_torchrun
 
     device = pick_device(opts)
+    check_options(opts)
     comps = find_components(opts)
+    check_layout(comps.cfg, opts.tp, opts.pp)
+    if opts.gpus is not None:
+        check_gpus(comps.cfg, opts.gpus)
     if under_torchrun():
         return run_under_torchrun(opts, comps, device)
     from lowvram.conditioning.image import max_area_for_size, read_image, target_size
 
     img = read_image(opts.image)
     h, w = target_size(img.shape[0], img.shape[1], max_area_for_size(opts.size))
+    check_output(opts.output, h, w, 4 * comps.cfg.frames_per_block)
     tp, pp, kv_offload = choose_layout(opts, comps, device, (h // 8, w // 8))
+    if comps.quantized:
+        check_tp_split(comps.dit, comps.manifest, tp)
     t_start = time.monotonic()
     inputs, _, motion = prepare_conditioning(opts, comps, device)
     if device == "cuda":
