@@ -66,6 +66,7 @@ def read_manifest(folder: str | Path) -> dict:
         raise CheckpointError(f"{path}: does not list {missing[0]}" + (f" (nor {len(missing) - 1} more)" if len(missing) > 1
                               else "") + f", which a tp-{folder_tp(m)} folder holds: the folder is incomplete or its "
                               f"manifest corrupt; {RERUN}")
+    check_weight_dtypes(folder, m)
     return m
 
 
@@ -79,6 +80,26 @@ def check_format(path: Path, manifest: dict) -> None:
     if other:
         raise CheckpointError(f"{path}: says format {fmt} but {len(other)} layers are {recipe[other[0]]} (first "
                               f"{other[0]!r}): the manifest does not match its files; {RERUN}")
+
+
+def check_weight_dtypes(folder: Path, manifest: dict) -> None:
+    """Every Linear weight in the files (headers only) is stored as its recipe format says, and no quantized
+    weight sits where the recipe says bf16: a manifest edited or mixed up with other files is refused at load."""
+    from lowvram.checkpoint import dtype_name, read_header
+    from lowvram.kernels.linear import WEIGHT_DTYPES
+
+    recipe = manifest["recipe"]
+    for name in sorted(manifest["files"]):
+        if not (folder / name).is_file():
+            continue  # file_problems / the loader name it
+        for key, entry in read_header(folder / name).tensors.items():
+            module, _, leaf = key.rpartition(".")
+            if leaf != "weight" or module not in recipe:
+                continue
+            want = WEIGHT_DTYPES.get(recipe[module])
+            if entry.dtype != want and (want is not None or entry.dtype in WEIGHT_DTYPES.values()):
+                raise CheckpointError(f"{folder / name}: {key} is {dtype_name(entry.dtype)}, but {MANIFEST} says "
+                                      f"{module} is {recipe[module]}: the manifest does not match its files; {RERUN}")
 
 
 def check_tp_split(folder: Path, manifest: dict, tp: int) -> None:

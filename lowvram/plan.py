@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lowvram.errors import DoesNotFitError, InputError, one_of
+from lowvram.errors import CheckpointError, DoesNotFitError, InputError, one_of
 from lowvram.kernels.linear import FORMATS, KEEP_BF16, weight_bytes
+from lowvram.manifest import MANIFEST, read_manifest
 from lowvram.model.config import DiTConfig
 from lowvram.model.dit import LiveAvatarDiT
 
@@ -289,8 +290,8 @@ def cpu_run_bytes(cfg: DiTConfig, shape: RunShape, fmt: str, recipe: dict | None
     from lowvram.conditioning.vae import vae_memory_bytes
 
     per_layer, groups = layer_param_bytes(cfg, recipe, fmt)
-    fp32 = RunShape(shape.height, shape.width, kv_bytes=4)
-    mem = stage_memory(cfg, fp32, sorted(per_layer), 1, per_layer, groups, True, True, STEPS_IN_FLIGHT)
+    shape32 = RunShape(shape.height, shape.width, kv_bytes=4)
+    mem = stage_memory(cfg, shape32, sorted(per_layer), 1, per_layer, groups, True, True, STEPS_IN_FLIGHT)
     del mem["cuda_context"]
     mem["weights"] *= 2 if fmt == "bf16" else 1
     mem["activations"] *= 2
@@ -343,11 +344,6 @@ def plan_summary(layouts: list[Layout]) -> list[dict]:
 
 def model_source(model_dir) -> tuple[DiTConfig, dict | None, str | None]:
     """Config (and per-layer recipe and format, for a quantized folder) from headers/JSON only."""
-    from pathlib import Path
-
-    from lowvram.errors import CheckpointError
-    from lowvram.manifest import MANIFEST, read_manifest
-
     d = Path(model_dir)
     if (d / MANIFEST).exists():
         m = read_manifest(d)

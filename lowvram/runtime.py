@@ -24,7 +24,7 @@ import torch
 from lowvram.errors import CheckpointError, DoesNotFitError, InputError, one_of
 from lowvram.manifest import MANIFEST, check_tp_split, read_manifest
 from lowvram.model.config import DiTConfig
-from lowvram.plan import check_gpus, check_layout
+from lowvram.plan import KV_DTYPES, check_gpus, check_layout
 
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 TOKENIZER_DIR = "google/umt5-xxl"
@@ -32,7 +32,7 @@ VAE_FILE = "Wan2.1_VAE.pth"
 WAV2VEC_DIR = "wav2vec2-large-xlsr-53-english"
 FPS = 25
 DEVICES = ("auto", "cuda", "cpu")
-T5_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+T5_DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
 MP4_BYTES_PER_PIXEL = 0.5  # per frame: pessimistic H.264 at crf 18 (noise-like frames; faces compress ~10x more)
 
 
@@ -124,12 +124,10 @@ def pick_device(opts: RunOptions) -> str:
 
 def check_options(opts: RunOptions) -> None:
     """The flags that need no model, refused before anything is read or computed."""
-    from lowvram.plan import KV_DTYPES
-
     one_of("--kv", opts.kv, KV_DTYPES)
     if opts.seconds is not None and not 0 < opts.seconds < math.inf:
         raise InputError(f"--seconds {opts.seconds}: must be a positive number of seconds of video (e.g. 5)")
-    if opts.t5_device is not None and not T5_DEVICE.fullmatch(opts.t5_device):
+    if opts.t5_device is not None and not T5_DEVICE_PATTERN.fullmatch(opts.t5_device):
         raise InputError(f"--t5-device {opts.t5_device}: use cpu, cuda or cuda:N")
 
 
@@ -397,8 +395,8 @@ def run(opts: RunOptions) -> dict:
 
     from lowvram.parallel.launch import under_torchrun
 
-    device = pick_device(opts)
     check_options(opts)
+    device = pick_device(opts)
     comps = find_components(opts)
     check_layout(comps.cfg, opts.tp, opts.pp)
     if opts.gpus is not None:

@@ -30,11 +30,6 @@ from .formats import set_act_step
 from .io import read_safetensors
 from .layout import merge_states
 
-# Dtypes of quantized weights: a tensor stored in one of them, or a slot the recipe gives one of them, must match
-# exactly (a float8 weight where the recipe says int8 means the manifest does not describe the files).
-QUANTIZED_STORAGE = {torch.float8_e4m3fn, torch.float8_e5m2, torch.int8, torch.uint8}
-
-
 def _read(folder: Path, name: str, manifest: dict, device, verified: set | None = None) -> dict[str, torch.Tensor]:
     """Read one listed file, checking its sha256 (only the first time when a `verified` set is kept)."""
     entry = manifest["files"].get(name)
@@ -72,9 +67,6 @@ def _assign_all(model: nn.Module, state: dict[str, torch.Tensor], where: Path) -
         if tuple(t.shape) != tuple(expected[key].shape):
             raise CheckpointError(f"{where}: tensor {key!r} has shape {list(t.shape)}, expected "
                                   f"{list(expected[key].shape)}; {RERUN}")
-        if t.dtype != expected[key].dtype and {t.dtype, expected[key].dtype} & QUANTIZED_STORAGE:
-            raise CheckpointError(f"{where}: tensor {key!r} is {t.dtype} but {MANIFEST}'s recipe makes it "
-                                  f"{expected[key].dtype}: the manifest does not match its files; {RERUN}")
         assign_tensor(model, key, t)
 
 
