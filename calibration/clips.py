@@ -222,6 +222,10 @@ def make_clip_set(out: str | Path, images: list[str | Path], audios: list[str | 
     for p in images:
         read_image(p)
     durations = {p: audio_duration(p) for p in audios}
+    for p, seconds in durations.items():
+        if seconds < MIN_CLIP_S:  # what load_clip_set (and so `lowvram quantize`) refuses
+            raise InputError(f"{p}: {seconds:.2f} s of audio, a calibration clip needs at least {MIN_CLIP_S} s; "
+                             f"pass a longer speech recording")
     if (out / MANIFEST).exists():
         raise InputError(f"{out / MANIFEST} already exists; choose another --out or delete it")
     out.mkdir(parents=True, exist_ok=True)

@@ -177,7 +177,18 @@ def read_header(path: str | Path) -> Header:
     if end_max > data_size:
         raise CheckpointError(f"{path}: truncated: the file has {size:,} bytes, its header needs "
                               f"{data_start + end_max:,}; {_redownload(path)}")
+    check_no_overlap(path, tensors, data_start)
     return Header(path, tensors, {str(k): str(v) for k, v in metadata.items()}, data_start, size)
+
+
+def check_no_overlap(path: Path, tensors: dict[str, TensorEntry], data_start: int) -> None:
+    """Two tensors sharing bytes means a corrupt (or crafted) header: writing one would change the other."""
+    spans = sorted((e.offsets[0], e.offsets[1], name) for name, e in tensors.items() if e.offsets[1] > e.offsets[0])
+    for (a0, a1, a), (b0, b1, b) in zip(spans, spans[1:]):
+        if b0 < a1:
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensors {a!r} (bytes {a0 - data_start}.."
+                                  f"{a1 - data_start}) and {b!r} ({b0 - data_start}..{b1 - data_start}) overlap; "
+                                  f"{_redownload(path)}")
 
 
 def _short(err: BaseException) -> str:
@@ -189,10 +200,15 @@ def _is_pickle(path: Path) -> bool:
     return path.suffix.lower() in PICKLE_SUFFIXES
 
 
+class PickleRefusedError(CheckpointError):
+    """A pickle file where safetensors is expected; only `inspect` has a flag (--allow-pickle) to open one."""
+
+
 def _refuse_pickle(path: Path) -> CheckpointError:
-    return CheckpointError(
-        f"{path}: is a pickle file ({path.suffix}); it is not unpickled unless allowed — convert it to "
-        f"safetensors, or pass --allow-pickle / allow_pickle=True if you trust it (loaded with weights_only=True)")
+    return PickleRefusedError(
+        f"{path}: is a pickle file ({path.suffix}), which is never unpickled here (it could run code); use the "
+        f".safetensors release of this file, or convert it: python -c \"import torch, safetensors.torch as st; "
+        f"st.save_file(torch.load('{path.name}', weights_only=True), '{path.stem}.safetensors')\"")
 
 
 def torch_load_weights(path: str | Path):

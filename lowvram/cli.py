@@ -40,15 +40,30 @@ def inspect(
     lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="LoRA alpha (default 64: scale alpha/rank)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Open .pth/.pt/.bin files (torch.load weights_only)."),
 ) -> None:
-    """Identify a checkpoint and check its keys from the file headers only (seconds for 32 GB); exit 2 if incomplete."""
-    from lowvram.checkpoint import CheckpointError, inspect_checkpoint, inspect_renderables
+    """Identify a checkpoint and check its keys from the file headers only (seconds for 32 GB), or describe a folder
+    written by `lowvram quantize` (its files checked against the manifest); exit 2 if incomplete."""
+    from lowvram.checkpoint import (
+        CheckpointError, PickleRefusedError, inspect_checkpoint, inspect_renderables,
+    )
+    from lowvram.errors import InputError
+    from lowvram.manifest import MANIFEST, inspect_quantized, quantized_renderables
 
-    report = inspect_checkpoint(ckpt_dir, lora, lora_alpha=lora_alpha, allow_pickle=allow_pickle)
+    if (ckpt_dir / MANIFEST).is_file():
+        if lora is not None:
+            raise InputError(f"--lora: {ckpt_dir} is a quantized folder, its LoRA was merged when it was quantized; "
+                             f"inspect the bf16 checkpoint to check a LoRA against the model")
+        report, render = inspect_quantized(ckpt_dir), quantized_renderables
+    else:
+        try:
+            report = inspect_checkpoint(ckpt_dir, lora, lora_alpha=lora_alpha, allow_pickle=allow_pickle)
+        except PickleRefusedError as err:
+            raise CheckpointError(f"{err}; or, if you trust it, pass --allow-pickle to inspect it") from None
+        render = inspect_renderables
     if json_out:
         print(json.dumps(report, indent=2))
     else:
         console = wide_console()
-        for renderable in inspect_renderables(report):
+        for renderable in render(report):
             console.print(renderable)
     if not report["complete"]:
         raise CheckpointError(report["problem"])
@@ -66,13 +81,9 @@ def plan(
     json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Predict per-GPU memory and traffic of every layout (headers only) and pick the fastest that fits; exit 3 if none."""
-    from lowvram.errors import DoesNotFitError, InputError
-    from lowvram.plan import GPU_MODELS, plan_renderables, plan_report
+    from lowvram.errors import DoesNotFitError
+    from lowvram.plan import plan_renderables, plan_report
 
-    if kv not in ("bf16", "fp8"):
-        raise InputError(f"--kv {kv!r}: use bf16 or fp8")
-    if gpu_model not in GPU_MODELS:
-        raise InputError(f"--gpu-model {gpu_model!r}: use one of {', '.join(GPU_MODELS)}")
     report = plan_report(model_dir, gpus, size, kv, link, fmt, gpu_model)
     if json_out:
         print(json.dumps(report, indent=1))
@@ -122,8 +133,6 @@ def run(
     from lowvram.runtime import RunOptions
     from lowvram.runtime import run as run_stream
 
-    if kv not in ("bf16", "fp8"):
-        raise InputError(f"--kv {kv!r}: use bf16 or fp8")
     for flag, path in (("--image", image), ("--audio", audio)):
         if not path.exists():
             raise InputError(f"{flag} {path}: no such file")

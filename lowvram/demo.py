@@ -13,6 +13,7 @@ import wave
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from lowvram.model.config import DiTConfig
 

@@ -34,3 +34,10 @@ class Interrupted(LowvramError):
     """Ctrl-C (SIGINT): the message says what was kept and how to go on."""
 
     exit_code = 130
+
+
+def one_of(flag: str, value, choices):
+    """`value` if it is one of `choices`, else an InputError naming the valid ones (e.g. "--link usb: use ...")."""
+    if value not in choices:
+        raise InputError(f"{flag} {value}: not a valid choice; use one of {', '.join(map(str, choices))}")
+    return value

@@ -14,11 +14,15 @@ stage count; tensor parallelism adds all-reduces.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from torch import nn
 
-from lowvram.kernels.linear import KEEP_BF16, weight_bytes
+from lowvram.errors import CheckpointError, DoesNotFitError, InputError, one_of
+from lowvram.kernels.linear import FORMATS, KEEP_BF16, weight_bytes
+from lowvram.manifest import MANIFEST, verify_folder
 from lowvram.model.config import DiTConfig
 
 GiB = 1024 ** 3
@@ -33,6 +37,9 @@ GPU_MODELS = {
     "h100": {"bf16": 790, "fp8": 1580, "int8": 1580, "int4": 790, "fp8_ok": True, "pcie_GBps": 50, "nvlink_GBps": 300},
 }
 EFFICIENCY = 0.45
+LINKS = ("pcie", "nvlink")
+KV_DTYPES = ("bf16", "fp8")
+TP_SIZES = (1, 2, 4, 8)  # tensor-parallel sizes the planner considers (within one node)
 
 
 @dataclass
@@ -67,16 +74,53 @@ def parse_gpus(spec: str) -> tuple[int, float]:
     """'4x24' -> (4, 24 GiB) ; '1x80' -> (1, 80 GiB)."""
     try:
         count, size = spec.lower().split("x")
-        return int(count), float(size) * GiB
+        count, gib = int(count), float(size)
     except ValueError:
-        from lowvram.errors import InputError
-
         raise InputError(f"--gpus {spec!r} is not COUNTxGiB; use e.g. 4x24 or 1x80") from None
+    if count < 1 or not 0 < gib < math.inf:
+        raise InputError(f"--gpus {spec}: needs at least one GPU with a positive memory size; use e.g. 4x24 or 1x80")
+    return count, gib * GiB
+
+
+def tp_sizes(cfg: DiTConfig) -> list[int]:
+    """Tensor-parallel sizes the model splits into: divisors of both the head count and the FFN width."""
+    return [t for t in range(1, cfg.num_heads + 1) if cfg.num_heads % t == 0 and cfg.ffn_dim % t == 0]
+
+
+def check_tp_size(cfg: DiTConfig, tp: int) -> None:
+    if tp < 1:
+        raise InputError(f"--tp {tp}: must be at least 1 (1 = no tensor parallelism)")
+    if tp not in tp_sizes(cfg):
+        raise InputError(f"--tp {tp}: the model's {cfg.num_heads} heads and FFN width {cfg.ffn_dim} split only into "
+                         f"tp {', '.join(map(str, tp_sizes(cfg)))}; use one of those")
+
+
+def layout_shapes(cfg: DiTConfig, count: int) -> list[tuple[int, int]]:
+    """(tp, pp) with tp x pp = count GPUs that the planner considers for this model."""
+    return [(tp, count // tp) for tp in TP_SIZES
+            if tp in tp_sizes(cfg) and count % tp == 0 and count // tp <= cfg.num_layers]
+
+
+def check_gpus(cfg: DiTConfig, spec: str) -> tuple[int, float]:
+    """--gpus parsed (count, bytes per GPU), refused when no tp x pp layout of this model uses that many GPUs."""
+    count, capacity = parse_gpus(spec)
+    if not layout_shapes(cfg, count):
+        splits = [t for t in TP_SIZES if t in tp_sizes(cfg)]
+        raise InputError(f"--gpus {spec}: this model cannot be laid out on {count} GPUs (tp {'/'.join(map(str, splits))}"
+                         f" x pp of at most {cfg.num_layers} layers); use a count tp x pp makes, at most "
+                         f"{max(splits) * cfg.num_layers}")
+    return count, capacity
+
+
+def check_layout(cfg: DiTConfig, tp: int | None, pp: int | None) -> None:
+    """A user's --tp / --pp override: InputError unless the model can be laid out that way (None = plan's choice)."""
+    if tp is not None:
+        check_tp_size(cfg, tp)
+    if pp is not None and not 1 <= pp <= cfg.num_layers:
+        raise InputError(f"--pp {pp}: pipeline stages must be between 1 and the model's {cfg.num_layers} layers")
 
 
 def parse_size(spec: str) -> tuple[int, int]:
-    from lowvram.errors import InputError
-
     try:
         h, w = (int(v) for v in spec.replace("x", "*").split("*"))
     except ValueError:
@@ -171,17 +215,14 @@ def forward_flops(cfg: DiTConfig, shape: RunShape) -> float:
 def plan_layouts(cfg: DiTConfig, gpus: str, shape: RunShape, fmt: str = "int8", recipe: dict | None = None,
                  link: str = "pcie", gpu_model: str = "rtx4090", host_ram: float | None = None,
                  t5_quantization: str | None = None) -> list[Layout]:
-    count, capacity = parse_gpus(gpus)
+    count, capacity = check_gpus(cfg, gpus)
     per_layer, groups = layer_param_bytes(cfg, recipe, fmt)
     spec = GPU_MODELS[gpu_model]
     h, w = shape.latent_hw()
     block_act = cfg.frames_per_block * (h // 2) * (w // 2) * cfg.dim * 2
     flops_block = STEPS_IN_FLIGHT * forward_flops(cfg, shape)
     layouts = []
-    for tp in [t for t in (1, 2, 4, 8) if count % t == 0]:
-        pp = count // tp
-        if pp > cfg.num_layers or cfg.num_heads % tp:
-            continue
+    for tp, pp in layout_shapes(cfg, count):
         stages = split_layers(per_layer, pp)
         lay = Layout(tp=tp, pp=pp, stages=stages)
         for s, layers in enumerate(stages):
@@ -276,6 +317,43 @@ def offload_layout(cfg, shape, per_layer, groups, capacity, spec, fmt, flops_blo
     return lay
 
 
+def available_ram() -> int | None:
+    """Host RAM available to a new process (MemAvailable, bytes); None where /proc/meminfo is not readable."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def cpu_run_bytes(cfg: DiTConfig, shape: RunShape, fmt: str, recipe: dict | None, vae_config=None) -> int:
+    """Host RAM of a CPU run, where everything is float32: the whole DiT (bf16 weights widened), its KV caches
+    for every step, conditioning cache and activations, plus the VAE's larger working set (encode or decode)."""
+    from lowvram.conditioning.vae import runtime_dtype, vae_memory_bytes
+
+    per_layer, groups = layer_param_bytes(cfg, recipe, fmt)
+    shape32 = RunShape(shape.height, shape.width, kv_bytes=4)
+    mem = stage_memory(cfg, shape32, sorted(per_layer), 1, per_layer, groups, True, True, STEPS_IN_FLIGHT)
+    del mem["cuda_context"]
+    mem["weights"] *= 2 if fmt == "bf16" else 1
+    mem["activations"] *= 2
+    vae = vae_memory_bytes(shape.height, shape.width, vae_config, dtype=runtime_dtype("cpu"))
+    return int((sum(mem.values()) + max(vae["encode_peak"], vae["decode_peak"])) * FRAGMENTATION)
+
+
+def check_cpu_run_fits(cfg: DiTConfig, shape: RunShape, fmt: str, recipe: dict | None, vae_config=None,
+                       available: int | None = None, what: str | None = None) -> None:
+    """DoesNotFitError before anything is loaded when a CPU run would need more RAM than the machine has."""
+    available = available_ram() if available is None else available
+    need = cpu_run_bytes(cfg, shape, fmt, recipe, vae_config)
+    if available is not None and need > available:
+        raise DoesNotFitError(f"{what or f'{shape.height}*{shape.width}'}: a CPU run needs ~{need / GiB:,.1f} GiB of "
+                              f"RAM, this machine has {available / GiB:.1f} GiB available; use a smaller --size "
+                              f"(e.g. 704*384) or a GPU")
+
+
 def suggestions(cfg: DiTConfig, gpus: str, shape: RunShape, fmt: str, gpu_model: str) -> list[str]:
     """What would make a layout fit, each checked by re-planning."""
     out = []
@@ -285,7 +363,8 @@ def suggestions(cfg: DiTConfig, gpus: str, shape: RunShape, fmt: str, gpu_model:
     smaller = {"bf16": ("int8", "int4"), "fp8": ("int4",), "int8": ("int4",)}.get(fmt, ())
     tries += [(f"--format {f}", dict(fmt=f)) for f in smaller]
     count, size = parse_gpus(gpus)
-    tries.append((f"--gpus {count * 2}x{int(size / GiB)}", dict(gpus=f"{count * 2}x{int(size / GiB)}")))
+    if layout_shapes(cfg, count * 2):
+        tries.append((f"--gpus {count * 2}x{int(size / GiB)}", dict(gpus=f"{count * 2}x{int(size / GiB)}")))
     tries.append(("--size 512*512", dict(shape=RunShape(512, 512, shape.kv_bytes))))
     for label, kw in tries:
         args = dict(cfg=cfg, gpus=gpus, shape=shape, fmt=fmt, gpu_model=gpu_model)
@@ -313,17 +392,12 @@ def model_source(model_dir) -> tuple[DiTConfig, dict | None, str | None]:
     """Config (and per-layer recipe and format, for a quantized folder) from headers/JSON only, after checking
     the files a run would read: a checkpoint as `lowvram inspect` does (missing or truncated shards, missing
     keys), a quantized folder's files against manifest.json (present, sizes, headers; no hashing)."""
-    from pathlib import Path
-
     from lowvram.checkpoint import inspect_checkpoint
-    from lowvram.errors import CheckpointError
 
     d = Path(model_dir)
-    if (d / "manifest.json").exists():
-        from lowvram.quantize.loader import verify_folder
-
+    if (d / MANIFEST).exists():
         m = verify_folder(d, hashes=False)
-        return DiTConfig.from_dict(m["config"]), m.get("recipe"), m.get("format")
+        return DiTConfig.from_dict(m["config"]), m["recipe"], m["format"]
     config = d / "config.json" if d.is_dir() else d.parent / "config.json"
     if not config.exists():
         raise CheckpointError(f"{d}: no config.json or manifest.json; point at the DiT checkpoint folder "
@@ -335,6 +409,12 @@ def model_source(model_dir) -> tuple[DiTConfig, dict | None, str | None]:
 
 
 def plan_report(model_dir, gpus: str, size: str, kv: str, link: str, fmt: str | None, gpu_model: str) -> dict:
+    one_of("--kv", kv, KV_DTYPES)
+    one_of("--link", link, LINKS)
+    one_of("--gpu-model", gpu_model, tuple(GPU_MODELS))
+    if fmt is not None:
+        one_of("--format", fmt, FORMATS)
+    parse_gpus(gpus)
     cfg, recipe, qfmt = model_source(model_dir)
     h, w = parse_size(size)
     shape = RunShape(h, w, 1 if kv == "fp8" else 2)

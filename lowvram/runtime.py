@@ -12,9 +12,9 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
+import re
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -22,15 +22,20 @@ from pathlib import Path
 
 import torch
 
-from lowvram.errors import CheckpointError, DoesNotFitError, InputError, Interrupted, LowvramError
+from lowvram.errors import CheckpointError, DoesNotFitError, InputError, Interrupted, LowvramError, one_of
+from lowvram.manifest import MANIFEST, check_tp_split, read_manifest
 from lowvram.model.config import DiTConfig
 from lowvram.outputs import hold_lock, lock_path_for, partial_path, publish
+from lowvram.plan import KV_DTYPES, check_gpus, check_layout
 
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 TOKENIZER_DIR = "google/umt5-xxl"
 VAE_FILE = "Wan2.1_VAE.pth"
 WAV2VEC_DIR = "wav2vec2-large-xlsr-53-english"
 FPS = 25
+DEVICES = ("auto", "cuda", "cpu")
+T5_DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
+MP4_BYTES_PER_PIXEL = 0.5  # per frame: pessimistic H.264 at crf 18 (noise-like frames; faces compress ~10x more)
 
 
 @dataclass
@@ -72,6 +77,7 @@ class Components:
     lora: Path | None
     recipe: dict | None = None
     fmt: str = "bf16"
+    manifest: dict | None = None  # a quantized folder's
 
 
 def find_components(opts: RunOptions) -> Components:
@@ -79,22 +85,25 @@ def find_components(opts: RunOptions) -> Components:
     d = Path(opts.model_dir)
     if not d.exists():
         raise InputError(f"{d}: no such folder; pass the folder written by `lowvram quantize` or the checkpoint")
-    manifest = d / "manifest.json"
-    if manifest.exists():
-        m = json.loads(manifest.read_text())
-        cfg = DiTConfig.from_dict(m.get("config") or m.get("model_config") or {})
+    if (d / MANIFEST).exists():
+        m = read_manifest(d)
+        cfg = DiTConfig.from_dict(m["config"])
         source = m.get("source", {})
         src_dir = source.get("path") or source.get("checkpoint") if isinstance(source, dict) else source
         ckpt = Path(opts.ckpt_dir or (src_dir if src_dir else d))
         if ckpt.is_file():
             ckpt = ckpt.parent
         comps = Components(d, True, cfg, ckpt / T5_FILE, ckpt / TOKENIZER_DIR, ckpt / VAE_FILE, ckpt / WAV2VEC_DIR,
-                           None, m.get("recipe"), m.get("format", "mixed"))
+                           None, m["recipe"], m["format"], m)
     else:
         if not (d / "config.json").exists():
             raise CheckpointError(f"{d}: neither a quantized folder (manifest.json) nor a checkpoint (config.json); "
                                   f"pass the Wan2.2-S2V-14B folder or the output of `lowvram quantize`")
+        from lowvram.checkpoint import checkpoint_index
+
         cfg = DiTConfig.from_json(d / "config.json")
+        for weights in (d, opts.lora) if opts.lora else (d,):
+            checkpoint_index(weights)  # headers only: a missing shard or a pickle is refused before any compute
         ckpt = Path(opts.ckpt_dir or d)
         lora = opts.lora
         comps = Components(d, False, cfg, ckpt / T5_FILE, ckpt / TOKENIZER_DIR, ckpt / VAE_FILE, ckpt / WAV2VEC_DIR,
@@ -108,6 +117,7 @@ def find_components(opts: RunOptions) -> Components:
 
 
 def pick_device(opts: RunOptions) -> str:
+    one_of("--device", opts.device, DEVICES)
     if opts.device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif opts.device == "cuda" and not torch.cuda.is_available():
@@ -115,6 +125,34 @@ def pick_device(opts: RunOptions) -> str:
     else:
         device = opts.device
     return device
+
+
+def check_options(opts: RunOptions) -> None:
+    """The flags that need no model, refused before anything is read or computed."""
+    one_of("--kv", opts.kv, KV_DTYPES)
+    if opts.seconds is not None and not 0 < opts.seconds < math.inf:
+        raise InputError(f"--seconds {opts.seconds}: must be a positive number of seconds of video (e.g. 5)")
+    if opts.t5_device is not None and not T5_DEVICE_PATTERN.fullmatch(opts.t5_device):
+        raise InputError(f"--t5-device {opts.t5_device}: use cpu, cuda or cuda:N")
+
+
+def check_output(path: Path, height: int, width: int, block_frames: int) -> None:
+    """Refuse an output the video cannot be written to, before any compute: a folder, a place without write
+    permission, or a disk without room for the first block."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"-o {path}: is a folder; give a file name, e.g. -o {path / 'out.mp4'}")
+    folder = next(p for p in path.absolute().parents if p.exists())  # VideoWriter creates the missing ones
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise InputError(f"-o {path}: cannot write in {folder} ({err.strerror}); choose a writable folder") from None
+    need = int(block_frames * height * width * MP4_BYTES_PER_PIXEL)
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise InputError(f"-o {path}: {folder} has {free / 1e6:.1f} MB free, the first block alone needs "
+                         f"~{need / 1e6:.1f} MB; free some space or write to another disk")
 
 
 def check_gpu_supports(comps: Components) -> None:
@@ -135,7 +173,14 @@ def choose_layout(opts: RunOptions, comps: Components, device: str, latent_hw) -
     Also decides where the ranks run (opts.extra["placement"]) and the VAE decoder's GPU (opts.extra["vae_gpu"])."""
     from lowvram.plan import GiB, RunShape, parse_gpus, plan_layouts
 
+    shape = RunShape(latent_hw[0] * 8, latent_hw[1] * 8, 1 if opts.kv == "fp8" else 2)
+    fmt = comps.fmt if comps.fmt in ("fp8", "int8", "int4") else "bf16"
     if device == "cpu":
+        from lowvram.conditioning.vae import read_vae_config
+        from lowvram.plan import check_cpu_run_fits
+
+        check_cpu_run_fits(comps.cfg, shape, fmt, comps.recipe, read_vae_config(comps.vae),
+                           what=f"--size {opts.size} ({shape.height}*{shape.width} for this image)")
         return opts.tp or 1, opts.pp or 1, bool(opts.extra.get("kv_offload"))
     check_gpu_supports(comps)
     visible = torch.cuda.device_count()
@@ -146,8 +191,6 @@ def choose_layout(opts: RunOptions, comps: Components, device: str, latent_hw) -
     count, capacity = parse_gpus(gpus)
     if override and world != count:  # an override is planned on its own number of GPUs of that size
         gpus = f"{world}x{capacity / GiB:g}"
-    shape = RunShape(latent_hw[0] * 8, latent_hw[1] * 8, 1 if opts.kv == "fp8" else 2)
-    fmt = comps.fmt if comps.fmt in ("fp8", "int8", "int4") else "bf16"
     layouts = plan_layouts(comps.cfg, gpus, shape, fmt, comps.recipe, t5_quantization=opts.t5_quantization)
     if override:
         tp, pp = opts.tp or 1, opts.pp or 1
@@ -245,9 +288,7 @@ def prepare_conditioning(opts: RunOptions, comps: Components, device: str):
     pixels, (h, w) = load_reference_image(opts.image, max_area_for_size(opts.size))
     feats = audio_features(opts.audio, comps.wav2vec, device=device)
     blocks = feats.num_blocks
-    if opts.seconds is not None:
-        if opts.seconds <= 0:
-            raise InputError(f"--seconds {opts.seconds}: must be positive")
+    if opts.seconds is not None:  # positive and finite (check_options)
         blocks = max(1, min(blocks, math.ceil(opts.seconds * FPS / (4 * comps.cfg.frames_per_block))))
     audio = feats.frames(0, blocks * 4 * comps.cfg.frames_per_block).float().cpu()
     del feats
@@ -467,8 +508,12 @@ def run(opts: RunOptions) -> dict:
     """The whole run; returns a summary (blocks, frames, seconds, layout, time to first frame)."""
     from lowvram.parallel.launch import under_torchrun
 
+    check_options(opts)
     device = pick_device(opts)
     comps = find_components(opts)
+    check_layout(comps.cfg, opts.tp, opts.pp)
+    if opts.gpus is not None:
+        check_gpus(comps.cfg, opts.gpus)
     if under_torchrun():
         return run_under_torchrun(opts, comps, device)
     output = Path(opts.output)
@@ -489,6 +534,7 @@ def run_locked(opts: RunOptions, comps: Components, device: str) -> dict:
 
     img = read_image(opts.image)
     h, w = target_size(img.shape[0], img.shape[1], max_area_for_size(opts.size))
+    check_output(opts.output, h, w, 4 * comps.cfg.frames_per_block)
     tp, pp, kv_offload = choose_layout(opts, comps, device, (h // 8, w // 8))
     placement = opts.extra.get("placement")
     if placement is not None and placement.launcher_cap is not None:
@@ -496,6 +542,8 @@ def run_locked(opts: RunOptions, comps: Components, device: str) -> dict:
 
         for g in sorted({torch.cuda.current_device(), opts.extra["vae_gpu"]}):
             cap_memory(torch.device("cuda", g), placement.launcher_cap)
+    if comps.quantized:
+        check_tp_split(comps.dit, comps.manifest, tp)
     t_start = time.monotonic()
     inputs, _, motion = prepare_conditioning(opts, comps, device)
     conditioning_peak = torch.cuda.max_memory_allocated() if device == "cuda" else None

@@ -23,18 +23,13 @@ import torch
 
 from lowvram.errors import InputError
 from lowvram.kernels.linear import INT4_GROUP
+from lowvram.manifest import NONBLOCK, block_file  # noqa: F401 (the folder's file names, re-exported)
 from lowvram.model.config import DiTConfig
 from lowvram.parallel.tensor import module_role as tp_role  # one definition of the TP split
+from lowvram.plan import check_tp_size
 
-NONBLOCK = "nonblock.safetensors"
 BLOCK_PREFIXES = ("blocks.", "audio_injector.")
 
-
-
-def block_file(layer: int, tp_rank: int = 0, tp_size: int = 1) -> str:
-    if tp_size == 1:
-        return f"block_{layer:03d}.safetensors"
-    return f"block_{layer:03d}.tp{tp_rank}of{tp_size}.safetensors"
 
 
 def layer_prefixes(cfg: DiTConfig, layer: int) -> tuple[str, ...]:
@@ -70,13 +65,9 @@ def input_group(linear: str) -> str:
 
 def check_tp(cfg: DiTConfig, recipe: dict[str, str], tp_size: int) -> None:
     """One InputError line if the model cannot be split `tp_size` ways in this recipe."""
-    if tp_size < 1:
-        raise InputError(f"--tp {tp_size}: must be at least 1")
+    check_tp_size(cfg, tp_size)
     if tp_size == 1:
         return
-    if cfg.num_heads % tp_size or cfg.ffn_dim % tp_size:
-        raise InputError(f"--tp {tp_size}: the model's {cfg.num_heads} heads / ffn width {cfg.ffn_dim} do not split "
-                         f"{tp_size} ways; use a divisor of both")
     for name, fmt in recipe.items():
         if fmt == "int4" and tp_role(name) == "row":
             cols = (cfg.ffn_dim if name.endswith("ffn.2") else cfg.dim) // tp_size

@@ -9,7 +9,6 @@ A mismatch or a missing file is a CheckpointError naming the file and saying to 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -18,6 +17,10 @@ from torch import nn
 from lowvram.checkpoint import assign_tensor, build_meta_model
 from lowvram.errors import CheckpointError
 from lowvram.kernels import linear as K
+from lowvram.manifest import (  # noqa: F401 (FORMAT_*, MANIFEST, verify_folder re-exported for the quantizer)
+    FORMAT_NAME, FORMAT_VERSION, MANIFEST, NONBLOCK, RERUN, block_file, check_tp_split, folder_tp, read_manifest,
+    verify_folder,
+)
 from lowvram.model.config import DiTConfig
 from lowvram.model.dit import LiveAvatarDiT
 from lowvram.model.sampler import Stream
@@ -25,41 +28,14 @@ from lowvram.model.sampler import Stream
 from .calibrate import LayerSource
 from .formats import set_act_step
 from .io import read_safetensors
-from .layout import NONBLOCK, block_file, merge_states
-
-MANIFEST = "manifest.json"
-FORMAT_NAME = "lowvram-quantized"
-FORMAT_VERSION = 1
-RERUN = "re-run `lowvram quantize` (same command) to rebuild it"
-
-
-def read_manifest(folder: str | Path) -> dict:
-    folder = Path(folder)
-    path = folder / MANIFEST
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: no such quantized folder; run `lowvram quantize ... --out {folder}`")
-    if not path.is_file():
-        hint = " (quantization unfinished: re-run the same `lowvram quantize` command to resume)" \
-            if (folder / "progress.json").exists() else ""
-        raise CheckpointError(f"{folder}: no {MANIFEST}, not a finished quantized folder{hint}")
-    try:
-        m = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: unreadable ({type(err).__name__}); {RERUN}") from None
-    if m.get("kind") != FORMAT_NAME or "files" not in m or "config" not in m:
-        raise CheckpointError(f"{path}: not a lowvram quantized-folder manifest; {RERUN}")
-    if int(m.get("format_version", 0)) > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format version {m.get('format_version')} is newer than this lowvram "
-                              f"understands ({FORMAT_VERSION}); upgrade lowvram")
-    return m
-
+from .layout import merge_states
 
 def _read(folder: Path, name: str, manifest: dict, device, verified: set | None = None) -> dict[str, torch.Tensor]:
     """Read one listed file, checking its sha256 (only the first time when a `verified` set is kept)."""
     entry = manifest["files"].get(name)
-    if entry is None:
-        raise CheckpointError(f"{folder / name}: not listed in {MANIFEST} (the folder is split for --tp "
-                              f"{manifest.get('tp', {}).get('size', 1)}); use `lowvram reshard` or {RERUN}")
+    if entry is None:  # read_manifest checked the folder's own files are listed: this one is of another split
+        raise CheckpointError(f"{folder / name}: not listed in {MANIFEST}, whose files are split for --tp "
+                              f"{folder_tp(manifest)}; use `lowvram reshard` or {RERUN}")
     check = verified is None or name not in verified
     out = read_safetensors(folder / name, entry["sha256"] if check else None, device, fix=RERUN)
     if verified is not None:
@@ -114,10 +90,7 @@ def load_quantized(folder: str | Path, layers: list[int] | range | None = None, 
     folder = Path(folder)
     manifest = manifest or read_manifest(folder)
     cfg = DiTConfig.from_dict(manifest["config"])
-    folder_tp = int(manifest.get("tp", {}).get("size", 1))
-    if tp_size != folder_tp:
-        raise CheckpointError(f"{folder}: split for --tp {folder_tp}, asked for tp {tp_size}; run "
-                              f"`lowvram reshard {folder} --tp {tp_size}`")
+    check_tp_split(folder, manifest, tp_size)
     if not 0 <= tp_rank < tp_size:
         raise ValueError(f"tp_rank {tp_rank} outside 0..{tp_size - 1}")
     full = layers is None
@@ -152,7 +125,7 @@ def layer_state(folder: str | Path, layer: int | None, manifest: dict | None = N
     manifest = manifest or read_manifest(folder)
     if layer is None:
         return _read(folder, NONBLOCK, manifest, device, verified)
-    n = int(manifest.get("tp", {}).get("size", 1))
+    n = folder_tp(manifest)
     return merge_states([_read(folder, block_file(layer, r, n), manifest, device, verified) for r in range(n)],
                         manifest["recipe"])
 
@@ -178,7 +151,7 @@ class QuantizedSource(LayerSource):
 
     def layer(self, layer):
         model = _skeleton(self.manifest, [layer], False, False, 1)
-        n = int(self.manifest.get("tp", {}).get("size", 1))
+        n = folder_tp(self.manifest)
         self._count([block_file(layer, r, n) for r in range(n)])
         _assign_all(model, layer_state(self.folder, layer, self.manifest, self.device, self.verified), self.folder)
         return _finish(model, self.folder)
@@ -198,32 +171,3 @@ class QuantStream(Stream):
     def forward(self, x, step, *args, **kwargs):
         set_act_step(self.model, step)
         return super().forward(x, step, *args, **kwargs)
-
-
-def verify_folder(folder: str | Path, hashes: bool = True) -> dict:
-    """Check every file listed in manifest.json: present, of the listed size, a readable safetensors header,
-    and (with `hashes`) its sha256; returns the manifest. Without hashes it reads headers only (`lowvram plan`)."""
-    from lowvram.checkpoint import read_header
-
-    from .io import file_sha256
-
-    folder = Path(folder)
-    manifest = read_manifest(folder)
-    for name, entry in sorted(manifest["files"].items()):
-        path = folder / name
-        if not path.is_file():
-            raise CheckpointError(f"{path}: missing from the quantized folder; {RERUN}")
-        size, listed = path.stat().st_size, int(entry.get("bytes", -1))
-        if listed >= 0 and size != listed:
-            raise CheckpointError(f"{path}: {size:,} bytes, manifest.json lists {listed:,} (truncated or changed); "
-                                  f"{RERUN}")
-        try:
-            read_header(path)
-        except CheckpointError:
-            raise CheckpointError(f"{path}: corrupt safetensors header; {RERUN}") from None
-        if hashes:
-            got = file_sha256(path)
-            if got != entry["sha256"]:
-                raise CheckpointError(f"{path}: sha256 {got[:12]}... does not match manifest.json "
-                                      f"({entry['sha256'][:12]}...): the file was changed or is corrupt; {RERUN}")
-    return manifest

@@ -37,6 +37,7 @@ from lowvram.errors import CheckpointError, DoesNotFitError, InputError
 from lowvram.kernels import linear as K
 from lowvram.model.config import DiTConfig
 from lowvram.outputs import hold_lock, lock_path_for
+from lowvram.plan import available_ram
 
 from .calibrate import CheckpointSource, Observer, host_state_estimate, run_trajectory
 from .formats import DEFAULT_ALPHAS, QUANT_FORMATS, LinearPlan, analyze_linear, build_module, choose_keep_bf16, rel_err
@@ -345,7 +346,7 @@ def _quantize_locked(opts: QuantizeOptions, encoders) -> dict:
     eval_ids = [i for i, r in enumerate(roles) if r == "heldout"] or list(range(n))
 
     need = host_state_estimate(cfg, samples)
-    avail = _available_ram()
+    avail = available_ram()
     if opts.kv_scratch is None and avail is not None and need > 0.8 * avail:
         h, w = samples[0].latent_hw
         raise DoesNotFitError(f"calibration keeps the KV caches of {n} samples x {max(len(s.blocks) for s in samples)} "
@@ -499,16 +500,6 @@ def _test_exit(hook: str) -> None:
         os._exit(75)
     os.kill(os.getpid(), int(sig))
     time.sleep(1.0)  # a Python-level handler (SIGINT's) runs here
-
-
-def _available_ram() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def _file_ok(out: Path, journal: dict, name: str) -> bool:

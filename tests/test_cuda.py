@@ -97,9 +97,9 @@ import sys, torch
 sys.path.insert(0, "tests")
 from test_offload import sample
 from lowvram.model.dit import compile_model, fuse_qkv_
-eager, stream = sample(False, blocks=3, device="cuda")
+eager, stream = sample(False, device="cuda")
 compile_model()  # the runtime's path: fused q/k/v, compiled layers writing the cache rows in place
-compiled, stream = sample(False, blocks=3, device="cuda", prepare=fuse_qkv_)
+compiled, stream = sample(False, device="cuda", prepare=fuse_qkv_)
 print((compiled - eager).abs().max().item())
 """
 

@@ -6,12 +6,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fixtures import reference_dir
-from lowvram.model.config import DiTConfig
+from fixtures import reference_dir, tiny_dit_config
 from lowvram.model.dit import LiveAvatarDiT
 from lowvram.model.sampler import Conditioning, ShiftDraws, Stream, flow_schedule, reference_shift
 
+# README: accept max-abs <= 1e-5 on out / noise_pred / final_latents; skipping the float16 rounding of the RoPE
+# tables gives >= 4.3e-5 there (measured: 4.3e-5 .. 7.9e-5). The caches are not in the README's list: float64 math
+# is 4.2e-6 from the fixture on prefill_cond_k (2.9e-6 on the outputs), so another CPU's float32 can be ~8e-6
+# away; the RoPE mistake moves them by >= 5.5e-5.
 TOL = 1e-5
+TOL_STATE = 2e-5
+STATE_PREFIXES = ("prefill_", "kv_")
 FIXTURE = reference_dir() / "tiny_dit"
 
 
@@ -25,12 +30,8 @@ def case_names():
     return sorted(name[: -len(".safetensors")] for name in fixture_config()["files"] if name.startswith("case_"))
 
 
-def build(fx):
-    pipe = fx["pipeline"]
-    cfg = DiTConfig.from_dict({**fx["model"], "frames_per_block": pipe["num_frames_per_block"],
-                               "blocks_per_clip": pipe["num_blocks"], "num_steps": pipe["sampling_steps"],
-                               "scheduler_shift": pipe["scheduler_shift"]})
-    model = LiveAvatarDiT(cfg)
+def build():
+    model = LiveAvatarDiT(tiny_dit_config(FIXTURE))
     model.load_state_dict(load_file(FIXTURE / "weights.safetensors"))
     return model.eval()
 
@@ -43,7 +44,7 @@ def max_err(a, b):
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return build(fixture_config())
+    return build()
 
 
 def test_schedule_matches_fixture():
@@ -135,7 +136,7 @@ def test_fixture_case(name, model, sampling_errors):
     case = load_file(FIXTURE / f"{name}.safetensors")
     errs = sampling_errors[name] if "noise_pred" in case else single_forward(model, case)
     print(name, {k: f"{v:.2e}" for k, v in errs.items()})
-    assert errs and all(v <= TOL for v in errs.values()), errs
+    assert errs and all(v <= (TOL_STATE if k.startswith(STATE_PREFIXES) else TOL) for k, v in errs.items()), errs
 
 
 def test_fixture_cases_found():

@@ -1,35 +1,38 @@
 """Host-offloaded KV caches (one 24 GB card): same latents as the resident caches, layer-wise prefetch order."""
 
-import json
-
 import torch
 from safetensors.torch import load_file
 
-from fixtures import reference_dir
-from lowvram.model.config import DiTConfig
+from fixtures import reference_dir, tiny_dit_config, tiny_dit_latent_hw
 from lowvram.model.dit import LiveAvatarDiT
 from lowvram.model.sampler import Conditioning, ShiftDraws, Stream
 
 FIXTURE = reference_dir() / "tiny_dit"
 
 
-def sample(kv_offload: bool, blocks: int = 3, device: str = "cpu", prepare=None):
-    fx = json.loads((FIXTURE / "config.json").read_text())
-    cfg = DiTConfig.from_dict({**fx["model"], "blocks_per_clip": fx["pipeline"]["num_blocks"]})
+def block_audio(cfg, generator=None):
+    """Random audio features of one block: [1, stacked layers, width, 4 video frames per latent frame]."""
+    return torch.randn(1, cfg.audio_layers, cfg.audio_dim, 4 * cfg.frames_per_block, generator=generator)
+
+
+def sample(kv_offload: bool, blocks: int | None = None, device: str = "cpu", prepare=None):
+    """`blocks` blocks (default: one more than a clip, so the last one wraps the KV ring buffer)."""
+    cfg = tiny_dit_config(FIXTURE)
+    h, w = tiny_dit_latent_hw(FIXTURE)
     model = LiveAvatarDiT(cfg)
     model.load_state_dict(load_file(FIXTURE / "weights.safetensors"))
     model.to(device)
     if prepare is not None:
         prepare(model)
     case = load_file(FIXTURE / "case_c.safetensors")
-    stream = Stream(model, Conditioning(case["context"], case["ref_latents"], case["motion_latents"]), (8, 16),
+    stream = Stream(model, Conditioning(case["context"], case["ref_latents"], case["motion_latents"]), (h, w),
                     draws=ShiftDraws(cfg, seed=3), kv_offload=kv_offload)
     g = torch.Generator().manual_seed(0)
     out = []
-    for b in range(blocks):  # 3 blocks: the third wraps the ring buffer
-        noise = torch.randn(16, 3, 8, 16, generator=g)
-        audio = torch.randn(1, 25, 32, 12, generator=g)
-        out.append(stream.sample_block(noise, audio, torch.zeros(1, 16, 3, 8, 16)))
+    f = cfg.frames_per_block
+    for _ in range(cfg.blocks_per_clip + 1 if blocks is None else blocks):
+        noise = torch.randn(cfg.in_dim, f, h, w, generator=g)
+        out.append(stream.sample_block(noise, block_audio(cfg, g), torch.zeros(1, cfg.cond_dim, f, h, w)))
     return torch.stack(out).cpu(), stream
 
 
@@ -39,7 +42,7 @@ def test_offloaded_cache_gives_identical_latents():
     assert torch.equal(resident, offloaded)
     # every step's host copy holds what the resident cache would
     _, ref_stream = sample(False)
-    for s in range(4):
+    for s in range(stream.cfg.num_steps):
         for i in stream.model.layer_ids:
             assert torch.equal(stream.kv[s].k[i], ref_stream.kv[s].k[i])
 
@@ -60,14 +63,15 @@ def test_stream_encodes_a_blocks_audio_once_and_time_once_per_step():
     encode, modulate = stream.model.encode_audio, stream.model.time_modulation
     stream.model.encode_audio = lambda a: calls.append("audio") or encode(a)
     stream.model.time_modulation = lambda t: calls.append("time") or modulate(t)
-    audio = torch.randn(1, 25, 32, 12)
+    audio = block_audio(stream.cfg)
     start = stream.block_tokens
-    for step in range(4):  # one block: 4 steps, the same audio tensor
-        stream.block_inputs(3, step, audio, start)
+    f = stream.cfg.frames_per_block
+    for step in range(stream.cfg.num_steps):  # one block: every step, the same audio tensor
+        stream.block_inputs(f, step, audio, start)
     assert calls.count("audio") == 1 and calls.count("time") == 0  # steps' time embedding cached by block 0
     other = audio.clone()
-    inp, _ = stream.block_inputs(3, 0, other, start)  # another tensor: encoded again
+    inp, _ = stream.block_inputs(f, 0, other, start)  # another tensor: encoded again
     assert calls.count("audio") == 2
-    stream.block_inputs(3, 0, other, 2 * start)  # the next block (a reused buffer): encoded again
+    stream.block_inputs(f, 0, other, 2 * start)  # the next block (a reused buffer): encoded again
     assert calls.count("audio") == 3
     torch.testing.assert_close(inp.audio_global, stream.model.casual_audio_encoder(other)[0])

@@ -7,17 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lowvram.demo import face_like_image, speech_like_wave, write_tiny_checkpoint
 from lowvram.media import read_video_info
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    lora = write_tiny_checkpoint(root)
-    face_like_image(root / "face.png", 128, 128)
-    speech_like_wave(root / "speech.wav", 1.6, seed=1)
-    return root, lora
 
 
 def lowvram(*args, timeout=240):

@@ -269,18 +269,28 @@ def runtime_dtype(device: str | torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+VAE_FIX = f"download {VAE_CHECKPOINT_NAME} again (the Wan2.1 video VAE)"
+
+
+def _config_of(path: Path, sd: dict[str, torch.Tensor]) -> VAEConfig:
+    try:
+        return VAEConfig.from_state_dict(sd)
+    except (KeyError, IndexError, AttributeError):
+        raise CheckpointError(f"{path}: not a Wan2.1 VAE state dict (no encoder.conv1/conv2 keys); {VAE_FIX}") from None
+
+
+def read_vae_config(path: str | Path) -> VAEConfig:
+    """The config of a VAE file from its tensors' shapes (a .pth is memory-mapped: no weights are read)."""
+    return _config_of(Path(path), read_state_dict(Path(path), "the Wan2.1 VAE", VAE_FIX))
+
+
 def load_wan_vae(path: str | Path, config: VAEConfig | None = None, *, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32) -> "WanVAE":
     """Load `Wan2.1_VAE.pth` (or an upstream-named tiny .pth / .safetensors) into a `WanVAE` on `device`."""
     path = Path(path)
-    fix = f"download {VAE_CHECKPOINT_NAME} again (the Wan2.1 video VAE)"
-    sd = read_state_dict(path, "the Wan2.1 VAE", fix)
-    if config is None:
-        try:
-            config = VAEConfig.from_state_dict(sd)
-        except (KeyError, IndexError, AttributeError):
-            raise CheckpointError(f"{path}: not a Wan2.1 VAE state dict (no encoder.conv1/conv2 keys); {fix}") from None
-    check_keys(path, sd, config.upstream_shapes(), "a Wan2.1 VAE state dict", fix)
+    sd = read_state_dict(path, "the Wan2.1 VAE", VAE_FIX)
+    config = config or _config_of(path, sd)
+    check_keys(path, sd, config.upstream_shapes(), "a Wan2.1 VAE state dict", VAE_FIX)
     model = _skeleton(config)
     conv = convert_wan_vae_state_dict(sd, config.num_res_blocks)
     conv = {k: (v if v.dtype == dtype else v.to(dtype)) for k, v in conv.items()}

@@ -177,6 +177,7 @@ class Int4Linear(QuantLinear):
 
 
 MODULES = {"fp8": Fp8Linear, "int8": Int8Linear, "int4": Int4Linear}
+WEIGHT_DTYPES = {"fp8": FP8, "int8": torch.int8, "int4": torch.uint8}  # how each module stores its weight
 
 
 def quantized_linear(linear: nn.Linear, fmt: str, smooth: torch.Tensor | None = None) -> QuantLinear:
