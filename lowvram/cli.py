@@ -322,6 +322,11 @@ def report_failure(err: BaseException) -> int:
         show = getattr(err, "show", None)
         show() if show else print(f"error: {err}", file=sys.stderr)
         return getattr(err, "exit_code", 2)
+    if type(err).__name__ == "OutOfMemoryError":  # torch's, without importing torch here
+        first = str(err).split(". ")[0]
+        print(f"error: {first} while running; the plan was too tight for this GPU: use --kv fp8, a smaller --size, "
+              f"--format int4, more GPUs, or --no-compile (compiling autotunes with extra memory)", file=sys.stderr)
+        return 3
     if isinstance(err, OSError):
         print(f"error: {describe_os_error(err)}", file=sys.stderr)
         return 1

@@ -91,6 +91,8 @@ def processes_tagged(tag: str) -> list[int]:
     (OSError(errno.EROFS, "Read-only file system", "/ro/talk.mp4"), 1, "read-only"),
     (IsADirectoryError(errno.EISDIR, "Is a directory", "/tmp/x"), 1, "is a folder"),
     (ValueError("Expecting value: line 1 column 1 (char 0)"), 1, "LOWVRAM_DEBUG=1"),
+    (__import__("torch").OutOfMemoryError("CUDA out of memory. Tried to allocate 60.00 MiB. GPU 0 ..."), 3,
+     "CUDA out of memory while running"),
 ])
 def test_report_failure_prints_one_line(capsys, err, code, needle):
     assert report_failure(err) == code
