@@ -90,8 +90,9 @@ def check_weight_dtypes(folder: Path, manifest: dict) -> None:
 
     recipe = manifest["recipe"]
     for name in sorted(manifest["files"]):
-        if not (folder / name).is_file():
-            continue  # file_problems / the loader name it
+        path, listed = folder / name, int(manifest["files"][name].get("bytes", -1))
+        if not path.is_file() or (listed >= 0 and path.stat().st_size != listed):
+            continue  # missing or truncated: file_problems names it
         for key, entry in read_header(folder / name).tensors.items():
             module, _, leaf = key.rpartition(".")
             if leaf != "weight" or module not in recipe:

@@ -136,18 +136,25 @@ def check_options(opts: RunOptions) -> None:
         raise InputError(f"--t5-device {opts.t5_device}: use cpu, cuda or cuda:N")
 
 
-def check_output(path: Path, height: int, width: int, block_frames: int) -> None:
-    """Refuse an output the video cannot be written to, before any compute: a folder, a place without write
-    permission, or a disk without room for the first block."""
+def check_output_path(path: Path) -> Path:
+    """Refuse an output that cannot be written at all (a folder, no write permission); returns the nearest
+    existing folder on its path (VideoWriter creates the missing ones)."""
     path = Path(path)
     if path.is_dir():
         raise InputError(f"-o {path}: is a folder; give a file name, e.g. -o {path / 'out.mp4'}")
-    folder = next(p for p in path.absolute().parents if p.exists())  # VideoWriter creates the missing ones
+    folder = next(p for p in path.absolute().parents if p.exists())
     try:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as err:
         raise InputError(f"-o {path}: cannot write in {folder} ({err.strerror}); choose a writable folder") from None
+    return folder
+
+
+def check_output(path: Path, height: int, width: int, block_frames: int) -> None:
+    """Refuse an output the video cannot be written to, before any compute: a folder, a place without write
+    permission, or a disk without room for the first block."""
+    folder = check_output_path(path)
     need = int(block_frames * height * width * MP4_BYTES_PER_PIXEL)
     free = shutil.disk_usage(folder).free
     if free < need:
@@ -517,6 +524,7 @@ def run(opts: RunOptions) -> dict:
     if under_torchrun():
         return run_under_torchrun(opts, comps, device)
     output = Path(opts.output)
+    check_output_path(output)  # before the lock file is made beside it
     output.parent.mkdir(parents=True, exist_ok=True)
     with hold_lock(lock_path_for(output), f"--output {output}"):
         try:
