@@ -149,7 +149,7 @@ def read_header(path: str | Path) -> Header:
         table = json.loads(raw.decode("utf-8"))
         if not isinstance(table, dict):
             raise ValueError("the header is not a JSON object")
-    except (UnicodeDecodeError, ValueError) as err:
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # RecursionError: absurdly nested JSON
         raise CheckpointError(f"{path}: corrupt safetensors header ({_short(err)}); {_redownload(path)}") from None
 
     data_start = 8 + n
@@ -167,7 +167,7 @@ def read_header(path: str | Path) -> Header:
             begin, end = (int(o) for o in info["data_offsets"])
         except KeyError as err:
             raise CheckpointError(f"{bad} (unknown or missing {_short(err)}); {_redownload(path)}") from None
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: a shape of Infinity
             raise CheckpointError(f"{bad} (malformed entry); {_redownload(path)}") from None
         if any(s < 0 for s in shape) or not 0 <= begin <= end or end - begin != math.prod(shape) * dtype.itemsize:
             raise CheckpointError(f"{bad} (shape {list(shape)} {info['dtype']} does not match its byte range "

@@ -93,7 +93,10 @@ def _device(name: str) -> torch.device:
     elif name.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {name} but no CUDA GPU is visible; use --device cpu")
     else:
-        device = torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise InputError(f"--device {name}: use auto, cuda, cuda:N or cpu") from None
     _apply_gpu_cap(device)
     return device
 

@@ -237,3 +237,25 @@ def test_a_manifest_without_its_nonblock_entry_says_the_folder_is_incomplete(qua
     line = one_line_error(run_on(folder, tmp_path / "x.mp4"), "nonblock.safetensors", "incomplete",
                           "re-run `lowvram quantize`", code=2)
     assert "reshard" not in line
+
+
+@pytest.mark.parametrize("header", [
+    b'{"w": {"dtype": "F32", "shape": [Infinity], "data_offsets": [0, 4]}}',  # json.loads takes Infinity
+    b"[" * 200_000 + b"]" * 200_000,  # deeper than the JSON decoder recurses
+], ids=["shape-infinity", "200k-deep"])
+def test_a_crafted_safetensors_header_is_one_line(header, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+    r = subprocess.run([sys.executable, "-m", "lowvram.cli", "inspect", str(bad)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "corrupt safetensors header" in lines[0] and "re-download" in lines[0], lines
+
+
+def test_quantize_refuses_an_unknown_device_in_one_line(tiny_ckpt, tmp_path):
+    root, _ = tiny_ckpt
+    r = subprocess.run([sys.executable, "-m", "lowvram.cli", "quantize", str(root), "--out", str(tmp_path / "q"),
+                        "--calib", str(root), "--device", "tpu"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == ["error: --device tpu: use auto, cuda, cuda:N or cpu"]
