@@ -556,9 +556,13 @@ def phase_run(spec: RunSpec) -> Callable[[Ctx], dict]:
             rec["launcher_note"] = ("the launcher (conditioning, then the VAE decode) is one more process with its own "
                                     "cap here; on four real cards it shares a GPU with a stage (the planner's "
                                     "vae_decode entry): add its GPU peak to that stage's")
-            rec["stage_busy_per_block"] = ("not measured: `lowvram run --json` reports each rank's memory peaks "
-                                           "only; a per-stage busy time per block (forward time vs waiting on "
-                                           "send/recv) needs the worker to send it with its memory message")
+            busy = {r: t["busy_s_per_block"] for r, t in (summary.get("stage_timing") or {}).items()}
+            rec["stage_busy_s_per_block"] = busy  # stages sharing one GPU here: each one's busy time is inflated
+            if busy:  # derived: on one GPU per stage the slowest stage sets the time per block
+                from lowvram.model.config import DiTConfig
+
+                frames = 4 * DiTConfig.from_json(ctx.dit / "config.json").frames_per_block  # video frames a block
+                rec["derived_fps_one_gpu_per_stage"] = round(frames / max(busy.values()), 2)
         return rec
     return run
 

@@ -561,12 +561,15 @@ def run_locked(opts: RunOptions, comps: Components, device: str) -> dict:
                      inputs.num_blocks, opts.latents, progress)
     sink.t0 = t_start  # block times count from the start of the run (conditioning included)
     ranks: dict[int, dict] = {}
+    timing: dict[int, dict] = {}
 
     def on_message(kind, rank, payload):
         if kind == "latent":
             sink.put(payload[0], torch.from_numpy(payload[1]))
         elif kind == "memory":
             ranks[rank] = payload
+        elif kind == "timing":
+            timing[rank] = payload
     try:
         with tempfile.TemporaryDirectory(prefix="lowvram-run-") as tmp:
             spec = worker_spec(opts, comps, tp, pp, device, inputs_path=str(Path(tmp) / "inputs.pt"))
@@ -575,9 +578,11 @@ def run_locked(opts: RunOptions, comps: Components, device: str) -> dict:
                 if device == "cuda":
                     torch.cuda.reset_peak_memory_stats()  # the DiT's peak, not the conditioning's
                 model = load_stage(spec, Topology(), torch.device(device))
-                StageRunner(model, Topology(), inputs, on_latent=sink.put, kv_offload=kv_offload,
-                            ref_update=opts.ref_update,
-                            kv_dtype=torch.float8_e4m3fn if opts.kv == "fp8" else None).run()
+                runner = StageRunner(model, Topology(), inputs, on_latent=sink.put, kv_offload=kv_offload,
+                                     ref_update=opts.ref_update,
+                                     kv_dtype=torch.float8_e4m3fn if opts.kv == "fp8" else None)
+                runner.run()
+                timing[0] = runner.timing
                 from lowvram.parallel.launch import peak_memory
 
                 ranks[0] = peak_memory(torch.device(device) if device == "cuda" else None)
@@ -603,7 +608,7 @@ def run_locked(opts: RunOptions, comps: Components, device: str) -> dict:
             "seconds": round(elapsed, 2), "fps": round(sink.writer.frames_written / max(elapsed, 1e-9), 2),
             "layout": f"tp{tp}xpp{pp}" + ("-offload" if kv_offload else ""), "device": device,
             "time_to_first_frame_s": sink.first_frame_s, "block_times_s": sink.block_times,
-            "block_frames": sink.block_frames, "ranks": ranks, "replaced": replaced,
+            "block_frames": sink.block_frames, "ranks": ranks, "stage_timing": timing, "replaced": replaced,
             "conditioning_gpu_alloc_bytes": conditioning_peak, "placement": placement.summary() if placement else None}
 
 

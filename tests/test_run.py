@@ -1,5 +1,6 @@
 """`lowvram run` end to end on a tiny real-layout checkpoint: mp4 with audio, layouts agree, bad input."""
 
+import json
 import subprocess
 import sys
 
@@ -45,6 +46,11 @@ def test_pipeline_workers_give_the_same_latents(tiny_ckpt, single_run):
     assert r.returncode == 0, r.stderr
     a, b = load_file(single_run / "a.safetensors"), load_file(single_run / "b.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-4
+    timing = json.loads(r.stdout.strip().splitlines()[-1])["stage_timing"]  # each stage's busy time per block
+    assert sorted(timing) == ["0", "1"]
+    for t in timing.values():
+        assert t["blocks"] == 3 and 0 <= t["wait_s"] <= t["loop_s"] and t["busy_s_per_block"] > 0
+        assert abs(t["busy_s"] - (t["loop_s"] - t["wait_s"])) < 1e-3
     info = read_video_info(single_run / "b.mp4")
     assert info.num_frames == 33 and info.audio_codec == "aac"
 

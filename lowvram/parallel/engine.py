@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -125,6 +126,7 @@ class Channel:
         self.device = torch.device(device)
         self.staged = host_staged(self.device) if staged is None else staged
         self.pending = []
+        self.wait_s = 0.0  # time spent blocked in recv, after this rank's own queued GPU work finished
 
     def buffer(self, shape, dtype) -> torch.Tensor:
         if self.staged:
@@ -138,17 +140,29 @@ class Channel:
         self.pending = [(w, t) for w, t in self.pending if not w.is_completed()]
 
     def recv(self, like: list[tuple[tuple, torch.dtype]], src: int) -> list[torch.Tensor]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # so the wait below is idle time, not this rank's own kernels
+        t0 = time.perf_counter()
         out = []
         for shape, dtype in like:
             t = self.buffer(shape, dtype)
             dist.recv(t, src)
             out.append(t.to(self.device, non_blocking=True) if self.staged else t)
+        self.wait_s += time.perf_counter() - t0
         return out
 
     def flush(self) -> None:
         for w, _ in self.pending:
             w.wait()
         self.pending = []
+
+
+def stage_timing(loop_s: float, wait_s: float, blocks: int) -> dict:
+    """A stage's time over the streamed blocks (prefill excluded): busy = not blocked waiting for its input.
+    On one GPU per stage the slowest stage's busy time per block bounds the pipeline's time per block."""
+    busy = max(loop_s - wait_s, 0.0)
+    return {"blocks": blocks, "loop_s": round(loop_s, 4), "wait_s": round(wait_s, 4), "busy_s": round(busy, 4),
+            "busy_s_per_block": round(busy / max(blocks, 1), 4)}
 
 
 class StageRunner:
@@ -276,6 +290,7 @@ class StageRunner:
         cond = self.prefill()
         m, topo, cfg = self.model, self.topo, self.cfg
         schedule = wavefront_schedule(self.inputs.num_blocks, cfg.num_steps, topo.pp, cfg.blocks_per_clip)
+        t_loop, wait_before = time.perf_counter(), self.channel.wait_s
         for n, (b, s) in enumerate(schedule):
             if self.kill_after is not None and n >= self.kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -320,3 +335,7 @@ class StageRunner:
                 self.on_latent(b, x.cpu())
         if topo.world > 1:
             self.channel.flush()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.timing = stage_timing(time.perf_counter() - t_loop, self.channel.wait_s - wait_before,
+                                   self.inputs.num_blocks)

@@ -97,4 +97,5 @@ def run_worker(rank: int, world: int, out_queue, spec: WorkerSpec) -> torch.devi
     if kill and int(kill.split(":")[0]) == rank:
         runner.kill_after = int(kill.split(":")[1])
     runner.run()
+    out_queue.put(("timing", rank, runner.timing))
     return device
