@@ -556,7 +556,8 @@ def phase_run(spec: RunSpec) -> Callable[[Ctx], dict]:
             rec["launcher_note"] = ("the launcher (conditioning, then the VAE decode) is one more process with its own "
                                     "cap here; on four real cards it shares a GPU with a stage (the planner's "
                                     "vae_decode entry): add its GPU peak to that stage's")
-            busy = {r: t["busy_s_per_block"] for r, t in (summary.get("stage_timing") or {}).items()}
+            busy = {r: t["busy_s_per_block"] for r, t in (summary.get("stage_timing") or {}).items()
+                    if t.get("busy_s_per_block") is not None}
             rec["stage_busy_s_per_block"] = busy  # stages sharing one GPU here: each one's busy time is inflated
             if busy:  # derived: on one GPU per stage the slowest stage sets the time per block
                 from lowvram.model.config import DiTConfig

@@ -126,7 +126,10 @@ class Channel:
         self.device = torch.device(device)
         self.staged = host_staged(self.device) if staged is None else staged
         self.pending = []
-        self.wait_s = 0.0  # time spent blocked in recv, after this rank's own queued GPU work finished
+        # time blocked in recv after this rank's own GPU work finished; NCCL's recv does not block the host (and a
+        # sync per item would cost overlap), so there it is not measured
+        self.wait_s = 0.0
+        self.measures_wait = self.staged or self.device.type == "cpu"
 
     def buffer(self, shape, dtype) -> torch.Tensor:
         if self.staged:
@@ -140,7 +143,7 @@ class Channel:
         self.pending = [(w, t) for w, t in self.pending if not w.is_completed()]
 
     def recv(self, like: list[tuple[tuple, torch.dtype]], src: int) -> list[torch.Tensor]:
-        if self.device.type == "cuda":
+        if self.staged and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # so the wait below is idle time, not this rank's own kernels
         t0 = time.perf_counter()
         out = []
@@ -157,12 +160,14 @@ class Channel:
         self.pending = []
 
 
-def stage_timing(loop_s: float, wait_s: float, blocks: int) -> dict:
-    """A stage's time over the streamed blocks (prefill excluded): busy = not blocked waiting for its input.
-    On one GPU per stage the slowest stage's busy time per block bounds the pipeline's time per block."""
-    busy = max(loop_s - wait_s, 0.0)
-    return {"blocks": blocks, "loop_s": round(loop_s, 4), "wait_s": round(wait_s, 4), "busy_s": round(busy, 4),
-            "busy_s_per_block": round(busy / max(blocks, 1), 4)}
+def stage_timing(loop_s: float, wait_s: float | None, blocks: int) -> dict:
+    """A stage's time over the streamed blocks (prefill excluded): busy = not blocked waiting for its input
+    (None where the wait is not measured: NCCL). On one GPU per stage the slowest stage's busy time per block
+    bounds the pipeline's time per block."""
+    busy = None if wait_s is None else max(loop_s - wait_s, 0.0)
+    return {"blocks": blocks, "loop_s": round(loop_s, 4), "wait_s": None if wait_s is None else round(wait_s, 4),
+            "busy_s": None if busy is None else round(busy, 4),
+            "busy_s_per_block": None if busy is None else round(busy / max(blocks, 1), 4)}
 
 
 class StageRunner:
@@ -337,5 +342,5 @@ class StageRunner:
             self.channel.flush()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.timing = stage_timing(time.perf_counter() - t_loop, self.channel.wait_s - wait_before,
-                                   self.inputs.num_blocks)
+        waited = self.channel.wait_s - wait_before if self.channel.measures_wait or topo.world == 1 else None
+        self.timing = stage_timing(time.perf_counter() - t_loop, waited, self.inputs.num_blocks)
