@@ -19,7 +19,7 @@ import pytest
 import typer
 
 from lowvram.cli import report_failure
-from lowvram.demo import face_like_image, speech_like_wave, write_tiny_checkpoint
+from lowvram.demo import speech_like_wave
 from lowvram.media import VideoWriter, read_video_info
 from lowvram.outputs import partial_path
 
@@ -123,17 +123,17 @@ def test_an_unexpected_error_is_one_line(tmp_path):
 # ----- run: Ctrl-C, failures and concurrent runs never lose a video -----------------------------------------
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    lora = write_tiny_checkpoint(root)
-    face_like_image(root / "face.png", 128, 128)
-    speech_like_wave(root / "speech.wav", 6.0, seed=1)  # 16 blocks: time to be interrupted after the first one
-    return root, lora
+def model(tiny_ckpt, tmp_path_factory):
+    """The shared tiny checkpoint with a longer speech: 16 blocks, time to be interrupted after the first one."""
+    root, lora = tiny_ckpt
+    speech = tmp_path_factory.mktemp("speech") / "speech.wav"
+    speech_like_wave(speech, 6.0, seed=1)
+    return root, lora, speech
 
 
 def run_args(model, out, *extra):
-    root, lora = model
-    return ("run", root, "--image", root / "face.png", "--audio", root / "speech.wav", "--prompt", "a baker talks",
+    root, lora, speech = model
+    return ("run", root, "--image", root / "face.png", "--audio", speech, "--prompt", "a baker talks",
             "--lora", lora, "--size", "128*128", "--device", "cpu", "-o", out, *extra)
 
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from fixtures import run_cli
-from lowvram.demo import face_like_image, speech_like_wave, write_tiny_checkpoint
 from lowvram.errors import DoesNotFitError, InputError
 from lowvram.model.config import s2v_14b
 from lowvram.parallel.launch import place_ranks, spawn
@@ -117,15 +116,6 @@ def test_one_big_gpu_emulating_a_24gb_card_caps_the_process(monkeypatch):
 
 
 # ----- through the CLI: refused before anything loads -------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    lora = write_tiny_checkpoint(root)
-    face_like_image(root / "face.png", 128, 128)
-    speech_like_wave(root / "speech.wav", 1.0, seed=1)
-    return root, lora
 
 
 def test_cli_refuses_before_loading_anything(tiny_ckpt, tmp_path, monkeypatch):
