@@ -69,8 +69,6 @@ if str(REPO) not in sys.path:  # `python3 benchmarks/product.py` from a checkout
 
 from lowvram.quantize.pipeline import GPU_CAP_ENV  # noqa: E402
 
-# TODO(issue 14): the opt-in flag that lets ranks share one GPU (gloo between them, each rank capped) is being added
-# on another branch; until `lowvram run --help` lists it, the tp1xpp4 / tp2xpp2 phases are skipped with a note.
 SHARE_GPU_FLAG = "--share-gpu"
 DIT_NAME = "Wan2.2-S2V-14B"
 SIZE = "704*384"
@@ -602,7 +600,8 @@ def stream_figures(ctx: Ctx, summary: dict) -> dict:
     return {"layout": summary["layout"], "blocks": summary["blocks"], "frames": summary["frames"],
             "run_seconds": summary["seconds"], "time_to_first_frame_s": summary["time_to_first_frame_s"],
             "steady_s_per_block": round(s_block, 3) if s_block else None, "steady_fps": round(fps, 2) if fps else None,
-            "overall_fps": summary["fps"], "block_times_s": [round(t, 2) for t in times]}
+            "overall_fps": summary["fps"], "block_times_s": [round(t, 2) for t in times],
+            "startup_s": summary.get("startup_s")}
 
 
 def video_check(path: Path, frames: int) -> dict:
@@ -652,6 +651,55 @@ def phase_bench(ctx: Ctx) -> dict:
     rec["report_files"] = {n: (out / n).stat().st_size for n in ("report.html", "report.md", "results.json")
                            if (out / n).is_file()}
     rec["renders"] = all(rec["report_files"].get(n, 0) > 0 for n in ("report.html", "report.md"))
+    return rec
+
+
+def script(name: str, *args: str) -> list[str]:
+    return [sys.executable, str(REPO / "benchmarks" / name), *args]
+
+
+def bench_rows(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+def phase_vae(ctx: Ctx) -> dict:
+    """The VAE's streaming decode per block at the real size (benchmarks/vae.py): bf16/fp32, cuDNN search."""
+    if ctx.device != "cuda":
+        return {"status": "skipped", "why": "needs a CUDA GPU"}
+    rec, stdout = launch(ctx, "vae", script("vae.py", "--size", ctx.size), {"PYTHONPATH": str(REPO)})
+    rec["rows"] = bench_rows(stdout)[-1]["rows"]
+    return rec
+
+
+ENGINE_RUNS = {  # what the product adds per block to the engine alone: the VAE decode, then the mp4 too
+    "engine": ("--format", "fp8", "--act", "static"),
+    "engine+vae": ("--format", "fp8", "--act", "static", "--sink", "vae"),
+    "engine+vae+mp4": ("--format", "fp8", "--act", "static", "--sink", "mp4"),
+    "engine+vae+mp4, fp8 KV offloaded, 24 GiB cap": ("--format", "fp8", "--act", "static", "--sink", "mp4", "--kv",
+                                                      "fp8", "--offload", "--cap-gib", "24"),
+}
+
+
+def phase_engine(ctx: Ctx) -> dict:
+    """benchmarks/runtime.py at 704x384 with random weights, alone and with lowvram run's BlockSink on the GPU."""
+    if ctx.device != "cuda":
+        return {"status": "skipped", "why": "needs a CUDA GPU"}
+    speech = json.loads((ctx.work / "speech" / "speech.json").read_text())["audio"] if \
+        (ctx.work / "speech" / "speech.json").is_file() else None
+    rec = {"runs": {}}
+    for label, args in ENGINE_RUNS.items():
+        argv = script("runtime.py", *args, "--blocks", "10", *(["--audio", speech] if speech and "mp4" in args else []))
+        one, stdout = launch(ctx, f"engine-{len(rec['runs'])}", argv, {"PYTHONPATH": str(REPO),
+                                                                        "TORCHINDUCTOR_CACHE_DIR": str(ctx.work / "inductor")})
+        rec["runs"][label] = {**bench_rows(stdout)[-1], "command": one["command"], "wall_s": one["wall_s"],
+                              "gpu_peak_per_process_GiB": one.get("gpu_peak_per_process_GiB")}
+    return rec
+
+
+def phase_demo(ctx: Ctx) -> dict:
+    """`lowvram demo --device cuda` as a new user runs it on a one-GPU machine (tiny model, every layout)."""
+    rec, stdout = launch(ctx, "demo-cuda", lowvram("demo", "--device", "cuda", "--out", str(ctx.work / "demo")))
+    rec["stdout_tail"] = stdout.strip().splitlines()[-12:]
     return rec
 
 
@@ -755,6 +803,14 @@ def phase_summary(name: str, r: dict) -> str:
         return f"{r['frames']} frames, {_num(r['steady_fps'])} fps steady"
     if name == "bench":
         return f"report renders: {r['renders']}"
+    if name == "vae":
+        return "; ".join(f"{x['dtype']} cudnn.benchmark={x['cudnn_benchmark']}: {x['steady_ms_per_block']} ms/block, "
+                         f"+{x['peak_above_weights_GiB']} GiB" for x in r["rows"])
+    if name == "engine":
+        return "; ".join(f"{k}: {v['steady_s_per_block']} s/block, {v['fps']} fps, peak {v['peak_reserved_GiB']} GiB"
+                         for k, v in r["runs"].items())
+    if name == "demo-cuda":
+        return "passed"
     return ""
 
 
@@ -792,6 +848,9 @@ PHASES = [  # in order of value; estimates: see "Estimates" in the module docstr
     Phase("bench", phase_bench, 400, ("quantize-fp8", "quantize-int8"), resumable=True),
     Phase("run-tp2xpp2", phase_run(RunSpec("fp8", cap_gib=24, tp=2, pp=2, gpus="4x24")), 200, ("quantize-fp8",),
           work_gb=QUANT_OUT_GB["fp8"], writes="q-fp8-tp2"),
+    Phase("vae", phase_vae, 60),
+    Phase("engine", phase_engine, 420),
+    Phase("demo-cuda", phase_demo, 150),
     Phase("report", phase_report, 10),
 ]
 BY_NAME = {p.name: p for p in PHASES}

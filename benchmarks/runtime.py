@@ -1,11 +1,15 @@
 """The runtime's own loop at the real size on one GPU: what `lowvram run` gets per block, not a bare forward.
 
     PYTHONPATH=. python benchmarks/runtime.py [--format fp8] [--act static] [--kv fp8] [--offload --cap-gib 24]
+                                              [--sink vae|mp4 --audio SPEECH.wav]
 
 Random weights at the real shapes (q/k/v fused and layers compiled, as `load_stage` does) and random
 conditioning at 704x384 run through `StageRunner` with the runtime's defaults (tp1 x pp1, reference swap after
 clip 0). Each block's wall time is taken when its clean latent reaches the host, so it includes everything the
-loop does between forwards. T5, wav2vec2 and the VAE are not run (their costs are measured elsewhere).
+loop does between forwards. T5, wav2vec2 and the VAE are not run (their costs are measured elsewhere), unless
+`--sink`: then `lowvram run`'s own BlockSink (a real-size Wan2.1 VAE with random weights, decoding on its own
+stream and thread) takes every latent, and with `mp4` also writes the video with the speech — what the product
+adds per block on the same GPU. The memory record splits the peak into the model's bytes and the rest.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ def main(argv=None):
     ap.add_argument("--offload", action="store_true", help="the step caches in pinned host RAM (one 24 GB card)")
     ap.add_argument("--cap-gib", type=float, default=None, help="per-process GPU memory cap, e.g. 24")
     ap.add_argument("--blocks", type=int, default=8, help="blocks to generate (4 per clip; steady from block 5)")
+    ap.add_argument("--sink", choices=["none", "vae", "mp4"], default="none",
+                    help="hand each latent to lowvram run's BlockSink: VAE decode only, or decode + mp4")
+    ap.add_argument("--audio", default=None, help="speech for --sink mp4 (default: a second of silence)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("error: benchmarks/runtime.py needs a CUDA GPU")
@@ -58,6 +65,8 @@ def main(argv=None):
     if args.cap_gib:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2**30 / total))
+    model_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    loaded_bytes = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     g = torch.Generator().manual_seed(3)
     inputs = StreamInputs(context=cond.context.cpu(), ref_latents=cond.ref_latents.cpu(),
@@ -66,11 +75,19 @@ def main(argv=None):
                                             generator=g),
                           num_blocks=args.blocks, seed=0, latent_hw=LAT_HW)
     arrivals = []
-    t0 = time.perf_counter()
+    sink = make_sink(args, cfg, inputs) if args.sink != "none" else None
+
+    def on_latent(b, x):
+        if sink is not None:
+            sink.put(b, x.cpu())
+        arrivals.append(time.perf_counter())
+    t0, mono0 = time.perf_counter(), time.monotonic()
     runner = StageRunner(model, Topology(), inputs, ref_update=True, kv_offload=args.offload,
-                         kv_dtype=torch.float8_e4m3fn if args.kv == "fp8" else None,
-                         on_latent=lambda b, x: arrivals.append(time.perf_counter()))
+                         kv_dtype=torch.float8_e4m3fn if args.kv == "fp8" else None, on_latent=on_latent)
     runner.run()
+    if sink is not None:
+        sink.close()
+        arrivals = [t0 + sink.t0 + t - mono0 for t in sink.block_times]  # when each block reached the video
     block_s = [b - a for a, b in zip([t0] + arrivals[:-1], arrivals)]
     # Steady state: the ring buffer is full and the clip-1 re-prefill (block 4) is behind.
     steady = block_s[cfg.blocks_per_clip + 1:]
@@ -80,13 +97,55 @@ def main(argv=None):
            "block_s": [round(s, 3) for s in block_s],
            "steady_s_per_block": round(statistics.median(steady), 3),
            "fps": round(VIDEO_FRAMES_PER_BLOCK / statistics.median(steady), 1),
-           "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+           "sink": args.sink,
+           "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+           "peak_reserved_GiB": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+           "model_GiB": round(model_bytes / 2**30, 2), "allocated_after_load_GiB": round(loaded_bytes / 2**30, 2)}
     if args.cap_gib:  # the planner's peak for this layout on one card of that size
         mode = "offload" if args.offload else "resident"
         lay = next((l for l in plan_layouts(cfg, f"1x{args.cap_gib:g}", RunShape(704, 384, 1 if args.kv == "fp8" else 2),
                                             args.format, gpu_model="h100") if l.mode == mode), None)
         res["planned_peak_GiB"] = round(lay.peak_bytes / GiB, 2) if lay else None
     print(json.dumps(res), flush=True)
+
+
+def make_sink(args, cfg, inputs):
+    """`lowvram run`'s BlockSink on this GPU with a real-size VAE (random weights, written to a temp folder)."""
+    import tempfile
+    from pathlib import Path
+
+    from lowvram.runtime import BlockSink
+    from lowvram.synthetic import full_sizes, write_vae
+
+    tmp = Path(tempfile.mkdtemp(prefix="lowvram-bench-sink-"))
+    (vae_path,) = write_vae(tmp, full_sizes().vae, device="cuda")
+    audio = args.audio or silence(tmp / "silence.wav")
+    sink = BlockSink(vae_path, inputs.motion_latents.cuda(), tmp / "out.mp4", audio, "cuda", inputs.num_blocks, None)
+    if args.sink == "vae":  # decode only: frames are counted, not encoded
+        sink.writer.close()
+        sink.writer = CountingWriter()
+    return sink
+
+
+class CountingWriter:
+    frames_written = 0
+
+    def write(self, frames):
+        self.frames_written += len(frames)
+
+    def close(self):
+        pass
+
+
+def silence(path) -> str:
+    import wave
+
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(b"\0\0" * 16000)
+    return str(path)
 
 
 if __name__ == "__main__":

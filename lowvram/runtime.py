@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -284,7 +285,30 @@ def place_on_gpus(opts: RunOptions, name: str, world: int, visible: int, total: 
     return Placement(gpus, caps, backend, launcher_cap=int(capacity - CUDA_CONTEXT))
 
 
-def prepare_conditioning(opts: RunOptions, comps: Components, device: str):
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux), so start-up figures include Python's and torch's imports."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return time.time() - (boot + ticks / os.sysconf("SC_CLK_TCK"))
+
+
+class Timeline:
+    """When each start-up step finished, in seconds since the process started (for `run --json`)."""
+
+    def __init__(self):
+        age = process_age_s()
+        self.origin = time.monotonic() - (age if age is not None else 0.0)
+        self.marks: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        self.marks[name] = round(time.monotonic() - self.origin, 2)
+
+
+def prepare_conditioning(opts: RunOptions, comps: Components, device: str, timeline: Timeline | None = None):
     """Image, prompt and speech -> StreamInputs (DiT inputs), plus the pixel size; the encoders are freed."""
     from lowvram.conditioning.audio import audio_features
     from lowvram.conditioning.image import load_reference_image, max_area_for_size
@@ -294,6 +318,8 @@ def prepare_conditioning(opts: RunOptions, comps: Components, device: str):
 
     pixels, (h, w) = load_reference_image(opts.image, max_area_for_size(opts.size))
     feats = audio_features(opts.audio, comps.wav2vec, device=device)
+    mark = timeline.mark if timeline is not None else (lambda name: None)
+    mark("audio_features")
     blocks = feats.num_blocks
     if opts.seconds is not None:  # positive and finite (check_options)
         blocks = max(1, min(blocks, math.ceil(opts.seconds * FPS / (4 * comps.cfg.frames_per_block))))
@@ -303,6 +329,7 @@ def prepare_conditioning(opts: RunOptions, comps: Components, device: str):
     ref = vae.encode_reference(pixels.to(device)).float().cpu()
     motion = vae.encode_motion(pixels.to(device)).float().cpu()
     del vae
+    mark("vae_encode")
     t5_device = opts.t5_device or default_t5_device(device, opts.extra.get("capacity"), opts.t5_quantization)
     small = comps.t5.stat().st_size < 2**30  # tiny test encoders run in float32; umT5-XXL in bf16 (11.4 GB)
     encoder = TextEncoder(comps.t5, comps.tokenizer, device=t5_device,
@@ -311,6 +338,7 @@ def prepare_conditioning(opts: RunOptions, comps: Components, device: str):
     encoder.unload()
     del encoder
     release_gpu(device)
+    mark("text_encoder")
     if context.shape[-1] != comps.cfg.text_dim:
         raise CheckpointError(f"{comps.t5}: text encoder width {context.shape[-1]} != the DiT's text_dim "
                               f"{comps.cfg.text_dim}; the components come from different models")
@@ -515,6 +543,8 @@ def run(opts: RunOptions) -> dict:
     """The whole run; returns a summary (blocks, frames, seconds, layout, time to first frame)."""
     from lowvram.parallel.launch import under_torchrun
 
+    timeline = Timeline()
+    timeline.mark("imports")
     check_options(opts)
     device = pick_device(opts)
     comps = find_components(opts)
@@ -528,13 +558,13 @@ def run(opts: RunOptions) -> dict:
     output.parent.mkdir(parents=True, exist_ok=True)
     with hold_lock(lock_path_for(output), f"--output {output}"):
         try:
-            return run_locked(opts, comps, device)
+            return run_locked(opts, comps, device, timeline)
         except KeyboardInterrupt:  # before the first block reached the sink (that case says what it kept)
             kept = f"{output} was left as it was" if output.exists() else "nothing was written"
             raise Interrupted(f"interrupted before the first block; {kept}") from None
 
 
-def run_locked(opts: RunOptions, comps: Components, device: str) -> dict:
+def run_locked(opts: RunOptions, comps: Components, device: str, timeline: Timeline | None = None) -> dict:
     """`run` once this process owns the output path."""
     from lowvram.conditioning.image import max_area_for_size, read_image, target_size
     from lowvram.parallel.engine import StageRunner, Topology
@@ -552,14 +582,17 @@ def run_locked(opts: RunOptions, comps: Components, device: str) -> dict:
             cap_memory(torch.device("cuda", g), placement.launcher_cap)
     if comps.quantized:
         check_tp_split(comps.dit, comps.manifest, tp)
+    timeline = timeline or Timeline()
+    timeline.mark("checks_and_plan")
     t_start = time.monotonic()
-    inputs, _, motion = prepare_conditioning(opts, comps, device)
+    inputs, _, motion = prepare_conditioning(opts, comps, device, timeline)
     conditioning_peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
     progress = make_progress(opts, inputs.num_blocks)
     sink = BlockSink(comps.vae, motion, opts.output, opts.audio,
                      "cpu" if device == "cpu" else f"cuda:{opts.extra.get('vae_gpu', 0)}",
                      inputs.num_blocks, opts.latents, progress)
     sink.t0 = t_start  # block times count from the start of the run (conditioning included)
+    timeline.mark("vae_decoder_ready")
     ranks: dict[int, dict] = {}
     timing: dict[int, dict] = {}
 
@@ -578,6 +611,7 @@ def run_locked(opts: RunOptions, comps: Components, device: str) -> dict:
                 if device == "cuda":
                     torch.cuda.reset_peak_memory_stats()  # the DiT's peak, not the conditioning's
                 model = load_stage(spec, Topology(), torch.device(device))
+                timeline.mark("dit_loaded")
                 runner = StageRunner(model, Topology(), inputs, on_latent=sink.put, kv_offload=kv_offload,
                                      ref_update=opts.ref_update,
                                      kv_dtype=torch.float8_e4m3fn if opts.kv == "fp8" else None)
@@ -604,12 +638,15 @@ def run_locked(opts: RunOptions, comps: Components, device: str) -> dict:
     sink.close()
     replaced = sink.publish()
     elapsed = time.monotonic() - t_start
+    if sink.first_frame_s is not None:
+        timeline.marks["first_frame"] = round(t_start + sink.first_frame_s - timeline.origin, 2)
     return {"output": str(opts.output), "blocks": sink.next_block, "frames": sink.writer.frames_written,
             "seconds": round(elapsed, 2), "fps": round(sink.writer.frames_written / max(elapsed, 1e-9), 2),
             "layout": f"tp{tp}xpp{pp}" + ("-offload" if kv_offload else ""), "device": device,
             "time_to_first_frame_s": sink.first_frame_s, "block_times_s": sink.block_times,
             "block_frames": sink.block_frames, "ranks": ranks, "stage_timing": timing, "replaced": replaced,
-            "conditioning_gpu_alloc_bytes": conditioning_peak, "placement": placement.summary() if placement else None}
+            "conditioning_gpu_alloc_bytes": conditioning_peak, "placement": placement.summary() if placement else None,
+            "startup_s": timeline.marks}
 
 
 class make_progress:

@@ -27,7 +27,19 @@ def single_run(tiny_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
     r = lowvram(*run_args(root, lora, out / "a.mp4", "--latents", out / "a.safetensors"))
     assert r.returncode == 0, r.stderr
+    (out / "a.json").write_text(r.stdout)
     return out
+
+
+def test_run_json_has_the_start_up_timeline(single_run):
+    summary = json.loads((single_run / "a.json").read_text().strip().splitlines()[-1])
+    steps = summary["startup_s"]
+    assert list(steps) == ["imports", "checks_and_plan", "audio_features", "vae_encode", "text_encoder",
+                           "vae_decoder_ready", "dit_loaded", "first_frame"]
+    times = list(steps.values())
+    assert times == sorted(times) and times[0] > 0  # since the process started: Python's imports included
+    in_run = summary["time_to_first_frame_s"]  # counted from the conditioning's start
+    assert steps["first_frame"] - steps["checks_and_plan"] == pytest.approx(in_run, abs=0.05)
 
 
 def test_run_writes_an_mp4_with_audio(single_run):
