@@ -106,7 +106,8 @@ def run(
     ckpt_dir: Optional[Path] = typer.Option(None, "--ckpt-dir", help="Folder with the T5, VAE and wav2vec2 files."),
     lora: Optional[Path] = typer.Option(None, "--lora", help="LiveAvatar LoRA, merged at load (bf16 checkpoint only)."),
     size: str = typer.Option("704*384", "--size", help="Area budget W*H; the image's aspect ratio decides the shape."),
-    seed: int = typer.Option(0, "--seed", help="Noise and reference-shift seed (reproducible on any layout)."),
+    seed: int = typer.Option(420, "--seed", help="Noise and reference-shift seed (reproducible on any layout; 420 "
+                                                 "is upstream's default)."),
     device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
     gpus: Optional[str] = typer.Option(None, "--gpus", help="COUNTxGiB to plan for (default: what is visible); "
                                        "smaller than the real GPUs, each rank is capped to it."),
@@ -115,7 +116,11 @@ def run(
                                    "them, e.g. --gpus 4x24 --share-gpu emulates four 24 GB cards on one GPU."),
     tp: Optional[int] = typer.Option(None, "--tp", help="Tensor-parallel size (override the plan)."),
     pp: Optional[int] = typer.Option(None, "--pp", help="Pipeline stages over layers (override the plan)."),
-    seconds: Optional[float] = typer.Option(None, "--seconds", help="Stop after this many seconds of video."),
+    seconds: Optional[float] = typer.Option(None, "--seconds", help="Stop after this many seconds of video (default: "
+                                                                    "the video ends with the speech)."),
+    num_clip: Optional[int] = typer.Option(None, "--num-clip", help="At most this many 48-frame clips (upstream's "
+                                                                    "--num_clip); the video still ends with the speech."),
+    crf: int = typer.Option(10, "--crf", help="x264 quality of the mp4, 0-51, lower is better (10 ~ upstream's)."),
     latents: Optional[Path] = typer.Option(None, "--latents", help="Also save every block's clean latents here."),
     kv: str = typer.Option("bf16", "--kv", help="KV cache dtype: bf16 or fp8."),
     t5_device: Optional[str] = typer.Option(None, "--t5-device", help="Where umT5 runs (default: the GPU when it "
@@ -139,6 +144,7 @@ def run(
     summary = run_stream(RunOptions(model_dir=model_dir, image=image, audio=audio, prompt=prompt, output=output,
                                     ckpt_dir=ckpt_dir, lora=lora, size=size, seed=seed, device=device, gpus=gpus,
                                     share_gpu=share_gpu, tp=tp, pp=pp, seconds=seconds, latents=latents, kv=kv,
+                                    num_clip=num_clip, crf=crf,
                                     t5_device=t5_device, t5_quantization=t5_quant, ref_update=not keep_reference,
                                     compile=compile_, progress=not json_out))
     if "output" not in summary:  # a torchrun rank that neither decodes nor writes
@@ -258,7 +264,7 @@ def bench(
     device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
     size: str = typer.Option("704*384", "--size", help="Area budget W*H, the same for every configuration."),
     seconds: Optional[float] = typer.Option(5.0, "--seconds", help="Seconds of video per clip (0: whole clips)."),
-    seed: int = typer.Option(0, "--seed", help="Noise and reference-shift seed, the same for every run."),
+    seed: int = typer.Option(420, "--seed", help="Noise and reference-shift seed, the same for every run."),
     rerun: bool = typer.Option(False, "--rerun", help="Run everything again instead of reusing finished runs."),
     fid: str = typer.Option("auto", "--fid", help="auto (when the Inception weights are here), on, off."),
     sync: str = typer.Option("auto", "--sync", help="Sync-C/Sync-D: auto (when SyncNet weights are here), on, off."),

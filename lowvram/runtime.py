@@ -25,6 +25,7 @@ import torch
 
 from lowvram.errors import CheckpointError, DoesNotFitError, InputError, Interrupted, LowvramError, one_of
 from lowvram.manifest import MANIFEST, check_tp_split, read_manifest
+from lowvram.media import CRF, video_uint8
 from lowvram.model.config import DiTConfig
 from lowvram.outputs import hold_lock, lock_path_for, partial_path, publish
 from lowvram.plan import KV_DTYPES, check_gpus, check_layout
@@ -34,9 +35,10 @@ TOKENIZER_DIR = "google/umt5-xxl"
 VAE_FILE = "Wan2.1_VAE.pth"
 WAV2VEC_DIR = "wav2vec2-large-xlsr-53-english"
 FPS = 25
+UPSTREAM_SEED = 420  # upstream's default --base_seed
 DEVICES = ("auto", "cuda", "cpu")
 T5_DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
-MP4_BYTES_PER_PIXEL = 0.5  # per frame: pessimistic H.264 at crf 18 (noise-like frames; faces compress ~10x more)
+MP4_BYTES_PER_PIXEL = 0.5  # per frame: pessimistic H.264 (noise-like frames: 0.2 at crf 10 medium; faces ~10x less)
 
 
 @dataclass
@@ -49,13 +51,15 @@ class RunOptions:
     ckpt_dir: Path | None = None  # folder with T5 / VAE / wav2vec2 (default: the source checkpoint)
     lora: Path | None = None
     size: str = "704*384"
-    seed: int = 0
+    seed: int = UPSTREAM_SEED
     device: str = "auto"
     tp: int | None = None
     pp: int | None = None
     gpus: str | None = None
     share_gpu: bool = False  # more ranks than visible GPUs: round-robin on them, each capped, gloo between them
     seconds: float | None = None
+    num_clip: int | None = None  # upstream's --num_clip: at most this many 48-frame clips
+    crf: int = CRF  # x264 quality of the mp4 (upstream's quality 8 ~ crf 10)
     latents: Path | None = None
     kv: str = "bf16"
     t5_device: str | None = None
@@ -133,6 +137,12 @@ def check_options(opts: RunOptions) -> None:
     one_of("--kv", opts.kv, KV_DTYPES)
     if opts.seconds is not None and not 0 < opts.seconds < math.inf:
         raise InputError(f"--seconds {opts.seconds}: must be a positive number of seconds of video (e.g. 5)")
+    if opts.num_clip is not None and opts.num_clip < 1:
+        raise InputError(f"--num-clip {opts.num_clip}: must be at least 1 (each clip is 48 frames, 1.92 s)")
+    if opts.num_clip is not None and opts.seconds is not None:
+        raise InputError("--seconds and --num-clip both set the video's length; pass one of them")
+    if not 0 <= opts.crf <= 51:
+        raise InputError(f"--crf {opts.crf}: x264 quality must be 0-51 (lower is better; upstream's is about 10)")
     if opts.t5_device is not None and not T5_DEVICE_PATTERN.fullmatch(opts.t5_device):
         raise InputError(f"--t5-device {opts.t5_device}: use cpu, cuda or cuda:N")
 
@@ -320,9 +330,8 @@ def prepare_conditioning(opts: RunOptions, comps: Components, device: str, timel
     feats = audio_features(opts.audio, comps.wav2vec, device=device)
     mark = timeline.mark if timeline is not None else (lambda name: None)
     mark("audio_features")
-    blocks = feats.num_blocks
-    if opts.seconds is not None:  # positive and finite (check_options)
-        blocks = max(1, min(blocks, math.ceil(opts.seconds * FPS / (4 * comps.cfg.frames_per_block))))
+    frames = video_frames(feats.duration_s, opts, comps.cfg)
+    blocks = min(feats.num_blocks, blocks_for_frames(frames, comps.cfg))
     audio = feats.frames(0, blocks * 4 * comps.cfg.frames_per_block).float().cpu()
     del feats
     vae = WanVAE.load(comps.vae, device=device, dtype=runtime_dtype(device))
@@ -344,7 +353,29 @@ def prepare_conditioning(opts: RunOptions, comps: Components, device: str, timel
                               f"{comps.cfg.text_dim}; the components come from different models")
     inputs = StreamInputs(context=context, ref_latents=ref, motion_latents=motion, audio=audio, num_blocks=blocks,
                           seed=opts.seed, latent_hw=(h // 8, w // 8))
-    return inputs, (h, w), motion
+    return inputs, frames, motion
+
+
+def video_frames(audio_s: float, opts: RunOptions, cfg) -> int:
+    """Frames the video keeps: it ends with the speech (upstream muxes with `-shortest`: no frames driven by the
+    silence the audio features are padded with), or earlier with --seconds or --num-clip."""
+    from lowvram.conditioning.vae import FIRST_DROP
+
+    frames = math.ceil(audio_s * FPS - 1e-6)
+    if opts.seconds is not None:
+        frames = min(frames, math.ceil(opts.seconds * FPS - 1e-6))
+    if opts.num_clip is not None:
+        frames = min(frames, opts.num_clip * cfg.blocks_per_clip * 4 * cfg.frames_per_block - FIRST_DROP)
+    return max(frames, 1)
+
+
+def blocks_for_frames(frames: int, cfg) -> int:
+    """Blocks to generate for `frames` video frames: the first block keeps 3 fewer (after the decoder's warm-up).
+    The stream is causal, so stopping after the last needed block changes none of the frames before it."""
+    from lowvram.conditioning.vae import FIRST_DROP
+
+    per_block = 4 * cfg.frames_per_block
+    return 1 + math.ceil(max(0, frames - (per_block - FIRST_DROP)) / per_block)
 
 
 def release_gpu(device: str) -> None:
@@ -372,7 +403,7 @@ class BlockSink:
     over the targets once the run finished, so a failed run never touches the previous video."""
 
     def __init__(self, vae_path: Path, motion_latents, output: Path, audio: Path, device: str, num_blocks: int,
-                 latents_path: Path | None, progress=None):
+                 latents_path: Path | None, progress=None, max_frames: int | None = None, crf: int = CRF):
         import queue
         import threading
 
@@ -384,7 +415,8 @@ class BlockSink:
         self.decoder.warmup(motion_latents.to(device))
         self.output = Path(output)
         self.partial = partial_path(self.output)
-        self.writer = VideoWriter(self.partial, audio_path=audio)
+        self.writer = VideoWriter(self.partial, audio_path=audio, crf=crf)
+        self.max_frames = max_frames  # the video ends with the speech: the last block is cut there
         self.pending: dict[int, torch.Tensor] = {}
         self.next_in = 0  # next block to hand to the decoder thread
         self.next_block = 0  # blocks written to the mp4
@@ -427,9 +459,10 @@ class BlockSink:
                 self.error = err
 
     def _decode_and_write(self, x: torch.Tensor) -> None:
-        frames = self.decoder.decode_block(x[None].to(self.vae.device))
-        video = ((frames[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0)
-        self.writer.write(video.cpu().numpy())
+        frames = self.decoder.decode_block(x[None].to(self.vae.device))[0]
+        if self.max_frames is not None:
+            frames = frames[:, : max(0, self.max_frames - self.writer.frames_written)]
+        self.writer.write(video_uint8(frames).cpu().numpy())
         if self.first_frame_s is None:
             self.first_frame_s = time.monotonic() - self.t0
         self.block_times.append(time.monotonic() - self.t0)
@@ -510,7 +543,7 @@ def run_under_torchrun(opts: RunOptions, comps: Components, device: str) -> dict
     if rank == 0:
         box[0] = prepare_conditioning(opts, comps, device)
     dist.broadcast_object_list(box, src=0)
-    inputs, _, motion = box[0]
+    inputs, frames, motion = box[0]
     spec = worker_spec(opts, comps, tp, pp, device, inputs_path="")
     topo = make_topology(tp, pp)
     here = device_for(spec, rank)
@@ -520,7 +553,8 @@ def run_under_torchrun(opts: RunOptions, comps: Components, device: str) -> dict
         if topo.last and topo.tp_rank == 0:
             stack.enter_context(hold_lock(lock_path_for(opts.output), f"--output {opts.output}"))
             sink = BlockSink(comps.vae, motion, opts.output, opts.audio, str(here),  # decodes on its own GPU
-                             inputs.num_blocks, opts.latents, make_progress(opts, inputs.num_blocks))
+                             inputs.num_blocks, opts.latents, make_progress(opts, inputs.num_blocks),
+                             max_frames=frames, crf=opts.crf)
         try:
             StageRunner(model, topo, inputs, kv_dtype=torch.float8_e4m3fn if opts.kv == "fp8" else None,
                         on_latent=sink.put if sink else None, ref_update=opts.ref_update).run()
@@ -585,12 +619,12 @@ def run_locked(opts: RunOptions, comps: Components, device: str, timeline: Timel
     timeline = timeline or Timeline()
     timeline.mark("checks_and_plan")
     t_start = time.monotonic()
-    inputs, _, motion = prepare_conditioning(opts, comps, device, timeline)
+    inputs, frames, motion = prepare_conditioning(opts, comps, device, timeline)
     conditioning_peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
     progress = make_progress(opts, inputs.num_blocks)
     sink = BlockSink(comps.vae, motion, opts.output, opts.audio,
                      "cpu" if device == "cpu" else f"cuda:{opts.extra.get('vae_gpu', 0)}",
-                     inputs.num_blocks, opts.latents, progress)
+                     inputs.num_blocks, opts.latents, progress, max_frames=frames, crf=opts.crf)
     sink.t0 = t_start  # block times count from the start of the run (conditioning included)
     timeline.mark("vae_decoder_ready")
     ranks: dict[int, dict] = {}

@@ -76,7 +76,7 @@ def test_bench_writes_the_three_files(report):
     for label in ("fp8", "int8"):
         for clip in ("speech0", "speech1"):
             q = res["quality"][label][clip]
-            assert q["frames"] == 33 and len(q["psnr"]) == 33
+            assert q["frames"] == 25 and len(q["psnr"]) == 25
             assert 15 < q["psnr_mean"] <= 100 and 0 < q["ssim_mean"] <= 1
             assert 0 < q["latent_rel_err"] < 0.3
             assert (out / res["strips"][label][clip]).is_file()

@@ -160,7 +160,7 @@ def test_ctrl_c_keeps_the_blocks_and_the_previous_video(model, tmp_path, layout)
     assert out.read_bytes() == before  # the previous video is untouched
     blocks = int(line.split("interrupted; ")[1].split(" of ")[0])
     info = read_video_info(partial_path(out))
-    assert blocks >= 1 and info.num_frames == 9 + 12 * (blocks - 1) and info.audio_codec == "aac"
+    assert blocks >= 1 and info.num_frames == min(9 + 12 * (blocks - 1), 150) and info.audio_codec == "aac"
     time.sleep(0.5)
     assert processes_tagged(tag) == []  # no worker outlives the launcher
     assert not (tmp_path / "talk.mp4.lock").exists()
@@ -176,7 +176,7 @@ def test_a_second_run_on_the_same_output_is_refused_and_the_first_replaces_the_f
     code, stdout, err = finish(first)
     assert code == 0, err
     assert "(replaced the previous file)" in stdout
-    assert read_video_info(out).num_frames == 33 and not partial_path(out).exists()
+    assert read_video_info(out).num_frames == 25 and not partial_path(out).exists()
 
 
 @pytest.fixture()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lowvram.media import read_video_info
+from lowvram.media import decode_frames, read_video_info
 
 
 def lowvram(*args, timeout=240):
@@ -16,9 +16,10 @@ def lowvram(*args, timeout=240):
                           timeout=timeout)
 
 
-def run_args(root, lora, out, *extra):
+def run_args(root, lora, out, *extra, seconds="1"):
+    length = ("--seconds", seconds) if seconds else ()
     return ("run", root, "--image", root / "face.png", "--audio", root / "speech.wav", "--prompt", "a baker talks",
-            "--lora", lora, "--size", "128*128", "--device", "cpu", "--seconds", "1", "-o", out, "--json", *extra)
+            "--lora", lora, "--size", "128*128", "--device", "cpu", *length, "-o", out, "--json", "--crf", "10", *extra)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def test_run_json_has_the_start_up_timeline(single_run):
 def test_run_writes_an_mp4_with_audio(single_run):
     info = read_video_info(single_run / "a.mp4")
     assert info.video_codec == "h264" and info.audio_codec == "aac"
-    assert info.num_frames == 9 + 12 + 12  # 3 blocks for 1 s; the first block keeps 9 frames after the warm-up
+    assert info.num_frames == 25  # --seconds 1: 3 blocks (the first keeps 9 frames after the warm-up) cut to 25
     assert abs(info.audio_duration - info.num_frames / 25) <= 1 / 25 + 1e-6
     latents = load_file(single_run / "a.safetensors")
     assert sorted(latents) == ["block_00000", "block_00001", "block_00002"]
@@ -64,7 +65,7 @@ def test_pipeline_workers_give_the_same_latents(tiny_ckpt, single_run):
         assert t["blocks"] == 3 and 0 <= t["wait_s"] <= t["loop_s"] and t["busy_s_per_block"] > 0
         assert abs(t["busy_s"] - (t["loop_s"] - t["wait_s"])) < 1e-3
     info = read_video_info(single_run / "b.mp4")
-    assert info.num_frames == 33 and info.audio_codec == "aac"
+    assert info.num_frames == 25 and info.audio_codec == "aac"
 
 
 @pytest.mark.parametrize("change,needle", [
@@ -72,6 +73,8 @@ def test_pipeline_workers_give_the_same_latents(tiny_ckpt, single_run):
     ({"--audio": "face.png"}, "audio"),
     ({"--image": "speech.wav"}, "image"),
     ({"--size": "100*abc"}, "size"),
+    ({"--seconds": "0"}, "--seconds"),
+    ({"--crf": "60"}, "--crf"),
 ])
 def test_bad_input_is_one_line(tiny_ckpt, tmp_path, change, needle):
     root, lora = tiny_ckpt
@@ -84,6 +87,40 @@ def test_bad_input_is_one_line(tiny_ckpt, tmp_path, change, needle):
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0].lower(), r.stderr
 
 
+def test_the_video_ends_with_the_speech(tiny_ckpt, single_run, tmp_path):
+    """No --seconds: 1.6 s of speech -> 40 frames (upstream muxes with -shortest), from the blocks that cover them
+    (1 + ceil(31/12) = 5, not the whole 48-frame clip's 4 blocks + padding); those frames equal the 1 s run's."""
+    root, lora = tiny_ckpt
+    r = lowvram(*run_args(root, lora, tmp_path / "all.mp4", "--latents", tmp_path / "all.safetensors", seconds=None))
+    assert r.returncode == 0, r.stderr
+    info = read_video_info(tmp_path / "all.mp4")
+    assert info.num_frames == 40 and abs(info.audio_duration - 1.6) <= 1 / 25
+    latents = load_file(tmp_path / "all.safetensors")
+    assert len(latents) == 4  # frames 0-39 need blocks 0-3 (9 + 12 + 12 + 12 = 45 >= 40)
+    short = load_file(single_run / "a.safetensors")
+    assert all(torch.equal(latents[k], short[k]) for k in short)  # causal: a longer run starts the same
+    frames_all, frames_short = decode_frames(tmp_path / "all.mp4"), decode_frames(single_run / "a.mp4")
+    assert frames_all.shape[0] == 40 and frames_short.shape[0] == 25
+
+
+def test_num_clip_caps_the_length_at_whole_clips(tiny_ckpt, tmp_path):
+    root, lora = tiny_ckpt
+    r = lowvram(*run_args(root, lora, tmp_path / "one.mp4", "--num-clip", "1", seconds=None))
+    assert r.returncode == 0, r.stderr
+    assert read_video_info(tmp_path / "one.mp4").num_frames == 40  # one clip is 45 frames; the speech ends first
+    both = lowvram(*run_args(root, lora, tmp_path / "x.mp4", "--num-clip", "1"))  # with --seconds 1
+    assert both.returncode == 2 and "pass one of them" in both.stderr
+
+
+def test_frames_are_converted_and_encoded_as_upstream(single_run):
+    from lowvram.media import video_uint8
+
+    x = torch.tensor([-1.5, -1.0, -0.5, 0.0, 0.999, 1.0, 2.0]).view(1, 1, 1, 7)  # [C, T, H, W]
+    assert video_uint8(x).flatten().tolist() == [0, 0, 63, 127, 254, 255, 255]  # truncated: 0 -> 127, not 128
+    sei = (single_run / "a.mp4").read_bytes()  # x264 writes its settings into the stream
+    assert b"crf=10.0" in sei and b"subme=7" in sei  # --crf 10; subme 7 is preset medium's
+
+
 def test_external_torchrun_gives_the_same_latents(tiny_ckpt, single_run):
     root, lora = tiny_ckpt
     args = run_args(root, lora, single_run / "c.mp4", "--latents", single_run / "c.safetensors", "--pp", "2")
@@ -92,7 +129,7 @@ def test_external_torchrun_gives_the_same_latents(tiny_ckpt, single_run):
     assert r.returncode == 0, r.stderr[-2000:]
     a, c = load_file(single_run / "a.safetensors"), load_file(single_run / "c.safetensors")
     assert max((a[k] - c[k]).abs().max().item() for k in a) <= 1e-4
-    assert read_video_info(single_run / "c.mp4").num_frames == 33
+    assert read_video_info(single_run / "c.mp4").num_frames == 25
 
 
 def test_a_rank_killed_mid_run_leaves_a_playable_mp4(tiny_ckpt, tmp_path):
