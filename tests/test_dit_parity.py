@@ -141,3 +141,41 @@ def test_fixture_case(name, model, sampling_errors):
 
 def test_fixture_cases_found():
     assert case_names(), f"no case_*.safetensors listed in {FIXTURE / 'config.json'}"
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_upstream_float32_regions_run_in_float32_with_bf16_weights():
+    """Upstream computes the time embedding and projection, the causal audio encoder and the head inside float32
+    autocast regions: with bf16 weights those match the same weights upcast to float32 (to float32 rounding),
+    not a bf16 computation (~1e-3 away)."""
+    bf16 = build().to(torch.bfloat16)
+    f32 = build().to(torch.bfloat16).float()  # the same bf16 values, held in float32
+    cfg = bf16.cfg
+    g = torch.Generator().manual_seed(0)
+    t = torch.tensor([999.0, 857.7, 602.2])
+    (e_a, e6_a), (e_b, e6_b) = bf16.time_modulation(t), f32.time_modulation(t)
+    assert e_a.dtype == e6_a.dtype == torch.float32
+    assert rel_err(e_a, e_b) < 1e-6 and rel_err(e6_a, e6_b) < 1e-6
+    audio = torch.randn(1, cfg.audio_layers, cfg.audio_dim, 4 * cfg.frames_per_block, generator=g)
+    (glob_a, tok_a), (glob_b, tok_b) = bf16.encode_audio(audio), f32.encode_audio(audio)
+    assert glob_a.dtype == torch.bfloat16  # rounded only where the bf16 layers take it, as autocast does
+    assert rel_err(glob_a, glob_b.bfloat16()) < 1e-6 and rel_err(tok_a, tok_b.bfloat16()) < 1e-6
+    h, w = 2, 2
+    tokens = torch.randn(cfg.frames_per_block * h * w, cfg.dim, generator=g)
+    out_a, out_b = bf16.head_out(tokens, e_b[:cfg.frames_per_block], (cfg.frames_per_block, h, w)), \
+        f32.head_out(tokens, e_b[:cfg.frames_per_block], (cfg.frames_per_block, h, w))
+    assert out_a.dtype == torch.float32 and rel_err(out_a, out_b) < 1e-6
+
+
+def test_upcast_in_slices_equals_one_upcast(monkeypatch):
+    from lowvram.model import dit
+
+    g = torch.Generator().manual_seed(1)
+    x, w, b = torch.randn(5, 64, generator=g), torch.randn(96, 64, generator=g).bfloat16(), torch.randn(96).bfloat16()
+    whole = torch.nn.functional.linear(x, w.float(), b.float())
+    monkeypatch.setattr(dit, "UPCAST_BYTES", 7 * 64 * 4)  # 7 rows at a time: 14 slices, the last one short
+    assert torch.allclose(dit.linear_like_input(x, w, b), whole, rtol=1e-5, atol=1e-5)  # float32 rounding only
+    assert dit.linear_like_input(x.bfloat16(), w, b).dtype == torch.bfloat16  # a bf16 input stays a bf16 GEMM

@@ -8,7 +8,9 @@ A forward is split into pieces a pipeline can place on different devices:
     run_layers                                                               (any stage)
     head_out                                                                 (last stage)
 Precision follows the reference: modulation and gates in float32, the residual stream carried in
-float32 inside a block and rounded to the parameter dtype at its end.
+float32 inside a block and rounded to the parameter dtype at its end. The time embedding and projection, the
+causal audio encoder and the head run in float32 whatever the weights' dtype (their weights upcast for the call),
+as upstream computes them inside float32 autocast regions.
 """
 
 from __future__ import annotations
@@ -23,6 +25,20 @@ from torch import nn
 from lowvram.model.cache import CondCache, LayerCond, StepKV
 from lowvram.model.config import DiTConfig
 from lowvram.model.rope import apply_rope, grid_positions, rope_table, subsampled_axis
+
+
+UPCAST_BYTES = 2**26  # float32 weight rows upcast at a time by linear_like_input (64 MiB)
+
+
+def linear_like_input(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear computed in x's dtype: a float32 input meets the (bf16) weights upcast, some output rows at a
+    time (bf16 values are exact in float32; no float32 copy is kept, the transient stays under UPCAST_BYTES)."""
+    if weight.dtype == x.dtype:
+        return F.linear(x, weight, bias)
+    rows = max(1, UPCAST_BYTES // (weight.shape[1] * x.element_size()))
+    outs = [F.linear(x, weight[i:i + rows].to(x.dtype), None if bias is None else bias[i:i + rows].to(x.dtype))
+            for i in range(0, weight.shape[0], rows)]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, group=None, full_dim: int | None = None):
@@ -261,7 +277,7 @@ class CausalConv1d(nn.Module):
         windows = F.pad(x, (2, 0), mode="replicate").unfold(2, 3, conv.stride[0])  # [B, C, T', 3]
         b, c, t, k = windows.shape
         flat = windows.permute(0, 2, 1, 3).reshape(b * t, c * k)
-        out = F.linear(flat, conv.weight.reshape(conv.out_channels, c * k), conv.bias)
+        out = linear_like_input(flat, conv.weight.reshape(conv.out_channels, c * k), conv.bias)
         return out.reshape(b, t, -1).transpose(1, 2)
 
 
@@ -292,7 +308,7 @@ class MotionEncoder(nn.Module):
         pad = self.padding_tokens[0, 0].expand(local.shape[0], 1, -1)
         tokens = torch.cat([local, pad.to(local.dtype)], dim=1)  # [T', 5, dim]
         glob = self.shared_tail(self.conv1_global(x))[0].transpose(0, 1)  # [T', dim]
-        return self.final_linear(glob), tokens
+        return linear_like_input(glob, self.final_linear.weight, self.final_linear.bias), tokens
 
 
 class CausalAudioEncoder(nn.Module):
@@ -310,8 +326,8 @@ class CausalAudioEncoder(nn.Module):
         w = F.silu(self.weights.float()[0])  # [25, 1, 1]
         mixed = (feats * w).sum(0) / w.sum()
         dtype = self.encoder.final_linear.weight.dtype
-        glob, tokens = self.encoder(mixed.to(dtype))
-        return glob[self.drop :], tokens[self.drop :]
+        glob, tokens = self.encoder(mixed)  # in float32, as upstream's autocast region
+        return glob[self.drop :].to(dtype), tokens[self.drop :].to(dtype)
 
 
 class FramePacker(nn.Module):
@@ -407,9 +423,11 @@ class LiveAvatarDiT(nn.Module):
 
     def time_modulation(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-frame timesteps [F] -> (e [F, dim], e6 [F, 6, dim]) in float32."""
-        s = sinusoid(t.reshape(-1), self.cfg.freq_dim).to(self.dtype)
-        e = self.time_embedding(s).float()
-        e6 = self.time_projection(e.to(self.dtype)).float().unflatten(1, (6, self.cfg.dim))
+        embed, project = self.time_embedding, self.time_projection[1]  # in float32, as upstream's autocast region
+        s = sinusoid(t.reshape(-1), self.cfg.freq_dim)
+        e = linear_like_input(F.silu(linear_like_input(s, embed[0].weight, embed[0].bias)), embed[2].weight,
+                              embed[2].bias)
+        e6 = linear_like_input(F.silu(e), project.weight, project.bias).unflatten(1, (6, self.cfg.dim))
         return e, e6
 
     def encode_audio(self, audio_input: torch.Tensor):
@@ -545,8 +563,9 @@ class LiveAvatarDiT(nn.Module):
         """tokens [F*fsl, dim], e [F, dim] -> velocity [out_dim, F, h, w] (float32)."""
         frames, rows, cols = grid
         mod = self.head.modulation.float() + e[:, None, :]  # [F, 2, dim]: shift, scale
-        y = modulate(layer_norm(tokens, self.cfg.eps), mod[:, 0], mod[:, 1]).to(self.dtype)
-        out = self.head.head(y).float()  # [L, pt*ph*pw*c]
+        y = modulate(layer_norm(tokens, self.cfg.eps), mod[:, 0], mod[:, 1])
+        # [L, pt*ph*pw*c], in float32 as upstream's autocast region
+        out = linear_like_input(y, self.head.head.weight, self.head.head.bias)
         pt, ph, pw = self.cfg.patch_size
         out = out.reshape(frames, rows, cols, pt, ph, pw, self.cfg.out_dim)
         return out.permute(6, 0, 3, 1, 4, 2, 5).reshape(self.cfg.out_dim, frames * pt, rows * ph, cols * pw)
