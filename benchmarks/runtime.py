@@ -46,6 +46,8 @@ def main(argv=None):
     ap.add_argument("--sink", choices=["none", "vae", "mp4"], default="none",
                     help="hand each latent to lowvram run's BlockSink: VAE decode only, or decode + mp4")
     ap.add_argument("--audio", default=None, help="speech for --sink mp4 (default: a second of silence)")
+    ap.add_argument("--memory-breakdown", action="store_true",
+                    help="record every allocation after the load and attribute the peak's live bytes to code lines")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("error: benchmarks/runtime.py needs a CUDA GPU")
@@ -68,6 +70,8 @@ def main(argv=None):
     model_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     loaded_bytes = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
+    if args.memory_breakdown:
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000)
     g = torch.Generator().manual_seed(3)
     inputs = StreamInputs(context=cond.context.cpu(), ref_latents=cond.ref_latents.cpu(),
                           motion_latents=cond.motion_latents.cpu(),
@@ -101,12 +105,50 @@ def main(argv=None):
            "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2),
            "peak_reserved_GiB": round(torch.cuda.max_memory_reserved() / 2**30, 2),
            "model_GiB": round(model_bytes / 2**30, 2), "allocated_after_load_GiB": round(loaded_bytes / 2**30, 2)}
+    if args.memory_breakdown:
+        res["peak_breakdown_GiB"] = peak_breakdown(torch.cuda.memory._snapshot(), loaded_bytes)
+        torch.cuda.memory._record_memory_history(enabled=None)
     if args.cap_gib:  # the planner's peak for this layout on one card of that size
         mode = "offload" if args.offload else "resident"
         lay = next((l for l in plan_layouts(cfg, f"1x{args.cap_gib:g}", RunShape(704, 384, 1 if args.kv == "fp8" else 2),
                                             args.format, gpu_model="h100") if l.mode == mode), None)
         res["planned_peak_GiB"] = round(lay.peak_bytes / GiB, 2) if lay else None
     print(json.dumps(res), flush=True)
+
+
+def peak_breakdown(snapshot: dict, before: int, top: int = 25) -> dict:
+    """Replay the allocator's trace: at the moment the live bytes peaked, which code lines held them (the first
+    frame inside lowvram/ or benchmarks/), plus what was allocated before recording began (weights and all)."""
+    events = [e for trace in snapshot["device_traces"] for e in trace if e["action"] in ("alloc", "free_completed")]
+
+    def replay(stop: int | None = None):
+        live, total, peak, peak_at = {}, 0, 0, 0
+        for i, e in enumerate(events[:stop]):
+            if e["action"] == "alloc":
+                live[e["addr"]] = (where(e.get("frames", [])), e["size"])
+                total += e["size"]
+                if total > peak:
+                    peak, peak_at = total, i + 1
+            elif e["addr"] in live:
+                total -= live.pop(e["addr"])[1]
+        return live, peak, peak_at
+
+    _, peak, peak_at = replay()
+    live, _, _ = replay(peak_at)
+    held: dict[str, int] = {}
+    for line, size in live.values():
+        held[line] = held.get(line, 0) + size
+    rows = sorted(held.items(), key=lambda kv: -kv[1])[:top]
+    return {"before_recording": round(before / 2**30, 3), "recorded_peak": round(peak / 2**30, 3),
+            "by_line": {line: round(b / 2**30, 3) for line, b in rows}}
+
+
+def where(frames: list[dict]) -> str:
+    for f in frames:
+        name = f.get("filename", "")
+        if "/lowvram/" in name or "/benchmarks/" in name:
+            return f"{name.rsplit('/', 2)[-2]}/{name.rsplit('/', 1)[-1]}:{f.get('line')} {f.get('name')}"
+    return f"other: {frames[0].get('name') if frames else '?'}"
 
 
 def make_sink(args, cfg, inputs):
