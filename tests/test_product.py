@@ -12,6 +12,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks import product as P  # noqa: E402
+from benchmarks import product_launch as L  # noqa: E402
+from benchmarks.product_phases import stream_figures  # noqa: E402
+from benchmarks.product_report import render_report  # noqa: E402
 
 
 def test_cheap_phases_end_to_end_on_the_tiny_model(tmp_path):
@@ -23,7 +26,7 @@ def test_cheap_phases_end_to_end_on_the_tiny_model(tmp_path):
     make = json.loads((work / "state" / "make.json").read_text())
     assert make["status"] == "done" and make["inspect"]["complete"] and make["inspect"]["lora_rank"] == 8
     assert make["command"].startswith("python3 scripts/make_fullsize_checkpoint.py --out ")
-    assert (work / "shm" / P.DIT_NAME / "models_t5_umt5-xxl-enc-bf16.pth").is_symlink()
+    assert (work / "shm" / L.DIT_NAME / "models_t5_umt5-xxl-enc-bf16.pth").is_symlink()
     assert make["host_peak_process_GiB"] > 0.1 and make["processes"] >= 1
     calib = json.loads((work / "state" / "calib.json").read_text())
     assert calib["command"].startswith("lowvram calib make --out ") and len(calib["clips"]) == 2
@@ -39,7 +42,7 @@ def test_cheap_phases_end_to_end_on_the_tiny_model(tmp_path):
 
 def ctx_for(tmp_path, *argv):
     args = P.parse_args(["--work", str(tmp_path), *argv])
-    ctx = P.Ctx(args, tmp_path, tmp_path / "shm")
+    ctx = L.Ctx(args, tmp_path, tmp_path / "shm")
     ctx.state.mkdir(parents=True, exist_ok=True)
     return ctx
 
@@ -49,13 +52,13 @@ def test_a_child_is_watched_from_outside(tmp_path):
     out = tmp_path / "grows.bin"
     code = ("import time; x = bytearray(300 * 2**20); time.sleep(0.8); "
             f"open({str(out)!r}, 'wb').write(b'x'); time.sleep(0.6); print('{{\"ok\": 1}}')")
-    rec, stdout = P.launch(ctx, "child", [sys.executable, "-c", code], {"SOME_VAR": "1"}, output=out)
-    assert rec["rc"] == 0 and P.last_json(stdout) == {"ok": 1}
+    rec, stdout = L.launch(ctx, "child", [sys.executable, "-c", code], {"SOME_VAR": "1"}, output=out)
+    assert rec["rc"] == 0 and L.last_json(stdout) == {"ok": 1}
     assert rec["host_peak_process_GiB"] >= 0.28 and rec["host_peak_tree_anon_GiB"] >= 0.28
     assert 0.7 <= rec["first_output_bytes_s"] <= rec["wall_s"]
     assert rec["command"].startswith("SOME_VAR=1 ")
-    with pytest.raises(P.PhaseFailed, match="exit 3"):
-        P.launch(ctx, "fails", [sys.executable, "-c", "import sys; sys.exit(3)"])
+    with pytest.raises(L.PhaseFailed, match="exit 3"):
+        L.launch(ctx, "fails", [sys.executable, "-c", "import sys; sys.exit(3)"])
 
 
 def test_stops_cleanly_when_the_deadline_is_short(tmp_path, capsys):
@@ -77,7 +80,7 @@ def test_run_figures_and_the_report_from_records(tmp_path):
     summary = {"layout": "tp1xpp1-offload", "blocks": 9, "frames": 105, "seconds": 37.0,
                "time_to_first_frame_s": 30.0, "fps": 2.8, "block_times_s": times,
                "block_frames": [9 + 12 * i for i in range(9)]}
-    figures = P.stream_figures(ctx, summary)
+    figures = stream_figures(ctx, summary)
     assert figures["steady_s_per_block"] == 0.65 and figures["steady_fps"] == round(12 / 0.65, 2)
     run = {"status": "done", "command": "LOWVRAM_GPU_CAP_GIB=24 lowvram run q-fp8 ...", "wall_s": 60.0,
            "host_peak_tree_GiB": 30.1, "host_peak_tree_anon_GiB": 25.0, "host_peak_process_GiB": 30.0,
@@ -90,7 +93,7 @@ def test_run_figures_and_the_report_from_records(tmp_path):
                              "kv_on_disk": True}, "end_to_end_rel_err": 0.021}
     bench = {"status": "done", "command": "lowvram bench ...", "renders": True,
              "rows": [{"config": "baseline", "fps": 15.0}, {"config": "fp8", "fps": 18.0, "psnr_db": 31.0}]}
-    text = P.render_report({"machine": {"gpu": "NVIDIA H200", "date": "2026-12-04"},
+    text = render_report({"machine": {"gpu": "NVIDIA H200", "date": "2026-12-04"},
                             "phases": {"quantize-fp8": quant, "run-fp8-offload-24": run, "bench": bench,
                                        "run-tp1xpp4": {"status": "skipped", "why": "no --share-gpu"}}})
     assert "NVIDIA H200" in text and "| run-fp8-offload-24 | tp1xpp1-offload | 30.0 / 33.0 | 0.650 |" in text
