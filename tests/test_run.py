@@ -46,13 +46,19 @@ def test_pipeline_workers_give_the_same_latents(tiny_ckpt, single_run):
     assert r.returncode == 0, r.stderr
     a, b = load_file(single_run / "a.safetensors"), load_file(single_run / "b.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-4
-    timing = json.loads(r.stdout.strip().splitlines()[-1])["stage_timing"]  # each stage's busy time per block
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    timing = summary["stage_timing"]  # each stage's busy time per block
     assert sorted(timing) == ["0", "1"]
     for t in timing.values():
         assert t["blocks"] == 3 and 0 <= t["wait_s"] <= t["loop_s"] and t["busy_s_per_block"] > 0
         assert abs(t["busy_s"] - (t["loop_s"] - t["wait_s"])) < 1e-3
     info = read_video_info(single_run / "b.mp4")
     assert info.num_frames == 33 and info.audio_codec == "aac"
+    # each worker built the stage of the one layout it was handed: the split `lowvram plan` prints for tp1xpp2
+    printed = json.loads(lowvram("plan", root, "--gpus", "2x24", "--size", "128*128", "--format", "bf16", "--json").stdout)
+    stages = next(row["stages"] for row in printed["layouts"] if row["name"] == "tp1xpp2")
+    assert summary["layout"] == "tp1xpp2" and summary["stages"] == stages
+    assert summary["rank_layers"] == {"0": stages[0], "1": stages[1]}
 
 
 @pytest.mark.parametrize("change,needle", [
