@@ -290,7 +290,7 @@ def _run(source, samples, roles, observer, store, static_steps, progress, scratc
             st.e, e6 = times(step, frames)
             audio = encode_block_audio(nb, s.block_audio(b, frames))
             st.inp = block_inputs(cfg, st.grid, e6, audio, b * st.block_tokens, st.draws(b, step))
-            st.tokens = nb.embed_noisy(st.x, s.block_pose(b, frames).to(device))
+            st.tokens = nb.embed_noisy(st.x, s.block_pose(b, frames, device))
         final = p == len(passes) - 1
         for layer in range(cfg.num_layers):
             if progress is not None:

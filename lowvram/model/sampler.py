@@ -117,11 +117,11 @@ class StreamInputs:
         clip, within = divmod(b, cfg.blocks_per_clip)
         return clip_noise(cfg, self, clip)[:, within * f : (within + 1) * f]
 
-    def block_pose(self, b: int, frames_per_block: int) -> torch.Tensor:
+    def block_pose(self, b: int, frames_per_block: int, device: torch.device | str = "cpu") -> torch.Tensor:
         f = frames_per_block
         if self.pose is not None:
-            return self.pose[..., f * b : f * (b + 1), :, :]
-        return torch.zeros(1, LATENT_CHANNELS, f, *self.latent_hw)
+            return self.pose[..., f * b : f * (b + 1), :, :].to(device)
+        return torch.zeros(1, LATENT_CHANNELS, f, *self.latent_hw, device=device)  # made there: no copy per forward
 
     @property
     def blocks(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

@@ -9,7 +9,8 @@ stage 0 exactly `pp` slots after (b, s-1) did, which is when (b, s-1) has left t
 busy and the order needs no negotiation. Stage k sends the hidden states of each item to stage k+1; the last
 stage applies the head and the Euler step and returns the latent to stage 0 for the next step. TP rank r of a
 stage talks only to TP rank r of its neighbours (activations are replicated inside a TP group).
-The degenerate case (one rank) runs the same loop without torch.distributed.
+The degenerate case (one rank) runs the same loop without torch.distributed. What each stage computes is the
+sampler's steps (`lowvram/model/sampler.py`); this module only orders them and moves their tensors.
 """
 
 from __future__ import annotations
@@ -274,7 +275,7 @@ class StageRunner:
                 x = self.block_latent(b, s)
                 e, e6 = self.times(s, frames)
                 audio = self.audio_encoding(b, s)
-                tokens = m.embed_noisy(x, self.inputs.block_pose(b, frames).to(self.device))
+                tokens = m.embed_noisy(x, self.inputs.block_pose(b, frames, self.device))
             else:
                 tokens, e6, e, *audio, x = self.channel.recv(self.item_spec(), topo.peer(topo.stage - 1))
             inp = block_inputs(cfg, self.grid, e6, audio, b * self.block_tokens, self.draws(b, s))
