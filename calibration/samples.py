@@ -1,8 +1,10 @@
 """Calibration samples: the DiT's real inputs for a few streamed blocks of each clip.
 
-A `CalibSample` is what the sampler needs for one stream: the T5 context, the reference and motion latents
-(prefill), and for each block its initial noise, wav2vec2 window and pose latent (`blocks`), plus the seed
-of the per-forward reference-shift draws. The quantizer runs the real 4-step trajectory from these.
+A calibration sample is the sampler's one input type (`lowvram.model.sampler.StreamInputs`, named `CalibSample`
+here) with its initial noise and pose latents given: the T5 context, the reference and motion latents (prefill),
+the wav2vec2 features, noise and pose latents of its blocks, plus the seed of the per-forward reference-shift
+draws. The quantizer runs the real 4-step trajectory from these. On disk each block is stored on its own
+(`b{b}.noise`, `b{b}.audio_input`, `b{b}.cond_states`).
 
 Sources:
 * `samples_from_clips(clip_dir, encoders, cfg)` — a clip set (`clips.json`) through the conditioning encoders
@@ -25,40 +27,36 @@ import torch
 
 from lowvram.errors import CheckpointError, InputError
 from lowvram.model.config import DiTConfig
+from lowvram.model.sampler import LATENT_CHANNELS, StreamInputs
 
 from .clips import MAKE_HINT, MANIFEST, ClipSet, load_clip_set, read_audio
 
 SAMPLES_FILE = "samples.safetensors"
 SAMPLES_META = "samples.json"
 ENCODED_DIR = ".encoded"
-LATENT_CHANNELS = 16
 DEFAULT_SIZE = "704*384"
 
 
-@dataclass
-class CalibSample:
-    """One calibration stream. blocks[b] = (noise [16, F, h, w], audio_input [1, A, D, 4F], cond_states [1, 16, F, h, w])."""
+CalibSample = StreamInputs  # one calibration stream (with `noise` and `pose` given)
 
-    context: torch.Tensor  # [L, text_dim]
-    ref_latents: torch.Tensor  # [1, 16, 1, h, w]
-    motion_latents: torch.Tensor  # [1, 16, 19, h, w]
-    blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    shift_seed: int = 0  # seeds the per-forward reference-shift draws (ShiftDraws)
-    shifts: list[int] | None = None  # or a scripted list of relative_dist values, one per (block, step)
-    name: str = ""
 
-    @property
-    def latent_hw(self) -> tuple[int, int]:
-        return tuple(self.ref_latents.shape[-2:])
+def make_sample(context: torch.Tensor, ref_latents: torch.Tensor, motion_latents: torch.Tensor,
+                blocks: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], shift_seed: int = 0,
+                shifts: list[int] | None = None, name: str = "") -> CalibSample:
+    """A sample from its blocks' (noise [16, F, h, w], audio_input [1, A, D, 4F], cond_states [1, 16, F, h, w])."""
+    noise, audio, pose = (torch.cat(parts, dim=d) for parts, d in zip(zip(*blocks), (1, -1, -3)))
+    return StreamInputs(context, ref_latents, motion_latents, audio=audio, num_blocks=len(blocks), seed=shift_seed,
+                        noise=noise, pose=pose, shifts=shifts, name=name)
 
-    def tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
-        out = {f"{prefix}context": self.context, f"{prefix}ref_latents": self.ref_latents,
-               f"{prefix}motion_latents": self.motion_latents}
-        for b, (noise, audio, cond) in enumerate(self.blocks):
-            out[f"{prefix}b{b}.noise"] = noise
-            out[f"{prefix}b{b}.audio_input"] = audio
-            out[f"{prefix}b{b}.cond_states"] = cond
-        return out
+
+def sample_tensors(s: CalibSample, prefix: str = "") -> dict[str, torch.Tensor]:
+    out = {f"{prefix}context": s.context, f"{prefix}ref_latents": s.ref_latents,
+           f"{prefix}motion_latents": s.motion_latents}
+    for b, (noise, audio, cond) in enumerate(s.blocks):
+        out[f"{prefix}b{b}.noise"] = noise
+        out[f"{prefix}b{b}.audio_input"] = audio
+        out[f"{prefix}b{b}.cond_states"] = cond
+    return out
 
 
 def samples_digest(samples: Sequence[CalibSample]) -> str:
@@ -66,7 +64,7 @@ def samples_digest(samples: Sequence[CalibSample]) -> str:
     h = hashlib.sha256()
     for i, s in enumerate(samples):
         h.update(json.dumps({"i": i, "name": s.name, "shift_seed": s.shift_seed, "shifts": s.shifts}).encode())
-        for key, t in sorted(s.tensors().items()):
+        for key, t in sorted(sample_tensors(s).items()):
             t = t.detach().cpu().contiguous()
             h.update(f"{key}|{t.dtype}|{list(t.shape)}|".encode())
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
@@ -93,10 +91,10 @@ def check_samples(samples: Sequence[CalibSample], cfg: DiTConfig, where: str = "
         if s.motion_latents.ndim != 5 or s.motion_latents.shape[:2] != (1, LATENT_CHANNELS) or \
                 tuple(s.motion_latents.shape[-2:]) != (h, w):
             raise bad(f"motion_latents {list(s.motion_latents.shape)}, expected [1, 16, T, {h}, {w}]")
-        if not s.blocks:
+        if not s.num_blocks:
             raise bad("no blocks")
-        if len(s.blocks) > cfg.blocks_per_clip:
-            raise bad(f"{len(s.blocks)} blocks; calibration covers at most one clip ({cfg.blocks_per_clip} blocks)")
+        if s.num_blocks > cfg.blocks_per_clip:
+            raise bad(f"{s.num_blocks} blocks; calibration covers at most one clip ({cfg.blocks_per_clip} blocks)")
         for b, (noise, audio, cond) in enumerate(s.blocks):
             if tuple(noise.shape) != (LATENT_CHANNELS, f, h, w):
                 raise bad(f"block {b} noise {list(noise.shape)}, expected [16, {f}, {h}, {w}]")
@@ -105,7 +103,7 @@ def check_samples(samples: Sequence[CalibSample], cfg: DiTConfig, where: str = "
                           f"{cfg.audio_dim}, {4 * f}]")
             if cond.numel() != LATENT_CHANNELS * f * h * w:
                 raise bad(f"block {b} cond_states {list(cond.shape)}, expected [1, 16, {f}, {h}, {w}]")
-        for t in s.tensors().values():
+        for t in sample_tensors(s).values():
             if t.is_floating_point() and not torch.isfinite(t.float()).all():
                 raise bad("holds NaN/inf values")
 
@@ -129,9 +127,9 @@ def synthetic_samples(cfg: DiTConfig, n: int = 2, seed: int = 0, latent_hw: tupl
         motion = torch.randn(1, LATENT_CHANNELS, cfg.motion_latent_frames, h, w, generator=g)
         noise = torch.randn(LATENT_CHANNELS, f * blocks, h, w, generator=g).to(torch.bfloat16)
         audio = torch.randn(1, cfg.audio_layers, cfg.audio_dim, 4 * f * blocks, generator=g)
-        bl = [(noise[:, f * b:f * (b + 1)].clone(), audio[..., 4 * f * b:4 * f * (b + 1)].clone(),
-               torch.zeros(1, LATENT_CHANNELS, f, h, w)) for b in range(blocks)]
-        out.append(CalibSample(context, ref, motion, bl, shift_seed=seed * 1_000_003 + i, name=f"synthetic{i}"))
+        out.append(StreamInputs(context, ref, motion, audio=audio, num_blocks=blocks, seed=seed * 1_000_003 + i,
+                                noise=noise, pose=torch.zeros(1, LATENT_CHANNELS, f * blocks, h, w),
+                                name=f"synthetic{i}"))
     return out
 
 
@@ -147,12 +145,12 @@ def save_samples(folder: str | Path, samples: Sequence[CalibSample], info: dict 
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for i, s in enumerate(samples):
-        tensors.update({k: v.detach().cpu().contiguous() for k, v in s.tensors(f"s{i}.").items()})
+        tensors.update({k: v.detach().cpu().contiguous() for k, v in sample_tensors(s, f"s{i}.").items()})
     tmp = folder / (SAMPLES_FILE + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "lowvram-calib-samples"})
     tmp.replace(folder / SAMPLES_FILE)
     meta = {"format": "lowvram-calib-samples", "version": 1, "digest": samples_digest(samples),
-            "samples": [{"name": s.name, "blocks": len(s.blocks), "shift_seed": s.shift_seed, "shifts": s.shifts}
+            "samples": [{"name": s.name, "blocks": s.num_blocks, "shift_seed": s.seed, "shifts": s.shifts}
                         for s in samples], "info": info or {}}
     (folder / SAMPLES_META).write_text(json.dumps(meta, indent=2) + "\n")
     return folder / SAMPLES_FILE
@@ -174,12 +172,12 @@ def load_samples(folder: str | Path) -> list[CalibSample]:
             p = f"s{i}."
             blocks = [(tensors[f"{p}b{b}.noise"], tensors[f"{p}b{b}.audio_input"], tensors[f"{p}b{b}.cond_states"])
                       for b in range(int(m["blocks"]))]
-            samples.append(CalibSample(tensors[f"{p}context"], tensors[f"{p}ref_latents"], tensors[f"{p}motion_latents"],
+            samples.append(make_sample(tensors[f"{p}context"], tensors[f"{p}ref_latents"], tensors[f"{p}motion_latents"],
                                        blocks, int(m.get("shift_seed", 0)), m.get("shifts"), str(m.get("name", ""))))
     except FileNotFoundError as err:
         raise InputError(f"{folder}: calibration samples incomplete ({Path(err.filename).name} missing); "
                          f"rebuild the set ({MAKE_HINT})") from None
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as err:
         raise InputError(f"{path}: damaged calibration samples ({type(err).__name__}: {str(err)[:80]}); "
                          f"rebuild the set ({MAKE_HINT})") from None
     if meta.get("digest") and meta["digest"] != samples_digest(samples):
@@ -321,7 +319,7 @@ def samples_from_clips(clip_dir: str | Path | ClipSet, encoders: Encoders, cfg: 
             audio = feat.block(b) if hasattr(feat, "block") else feat[..., 4 * f * b:4 * f * (b + 1)]
             bl.append((noise[:, f * b:f * (b + 1)].clone(), audio.float().cpu(),
                        torch.zeros(1, LATENT_CHANNELS, f, h, w)))
-        samples.append(CalibSample(ctx, ref, motion, bl, shift_seed=seed * 1_000_003 + i, name=clip.name))
+        samples.append(make_sample(ctx, ref, motion, bl, shift_seed=seed * 1_000_003 + i, name=clip.name))
     check_samples(samples, cfg, str(clip_set.folder))
     if cache:
         try:
@@ -382,7 +380,7 @@ def _cached(clip_set: ClipSet, cfg: DiTConfig, size, blocks, seed) -> list[Calib
         try:
             samples = load_samples(folder)
             check_samples(samples, cfg, str(folder))
-            if samples and samples[0].shift_seed == seed * 1_000_003:
+            if samples and samples[0].seed == seed * 1_000_003:
                 return samples
         except InputError:
             continue
@@ -390,4 +388,4 @@ def _cached(clip_set: ClipSet, cfg: DiTConfig, size, blocks, seed) -> list[Calib
 
 
 __all__ = ["CalibSample", "CalibrationSet", "Encoders", "RealEncoders", "check_samples", "load_calibration",
-           "load_samples", "samples_digest", "samples_from_clips", "save_samples", "synthetic_samples", "MANIFEST"]
+           "load_samples", "make_sample", "sample_tensors", "samples_digest", "samples_from_clips", "save_samples", "synthetic_samples", "MANIFEST"]

@@ -121,6 +121,8 @@ def run(
     num_clip: Optional[int] = typer.Option(None, "--num-clip", help="At most this many 48-frame clips (upstream's "
                                                                     "--num_clip); the video still ends with the speech."),
     crf: int = typer.Option(10, "--crf", help="x264 quality of the mp4, 0-51, lower is better (10 ~ upstream's)."),
+    pose_video: Optional[Path] = typer.Option(None, "--pose-video", help="A pose video whose frames guide the motion "
+                                                                        "(upstream's --pose_video; default: none)."),
     latents: Optional[Path] = typer.Option(None, "--latents", help="Also save every block's clean latents here."),
     kv: str = typer.Option("bf16", "--kv", help="KV cache dtype: bf16 or fp8."),
     t5_device: Optional[str] = typer.Option(None, "--t5-device", help="Where umT5 runs (default: the GPU when it "
@@ -144,7 +146,7 @@ def run(
     summary = run_stream(RunOptions(model_dir=model_dir, image=image, audio=audio, prompt=prompt, output=output,
                                     ckpt_dir=ckpt_dir, lora=lora, size=size, seed=seed, device=device, gpus=gpus,
                                     share_gpu=share_gpu, tp=tp, pp=pp, seconds=seconds, latents=latents, kv=kv,
-                                    num_clip=num_clip, crf=crf,
+                                    num_clip=num_clip, crf=crf, pose_video=pose_video,
                                     t5_device=t5_device, t5_quantization=t5_quant, ref_update=not keep_reference,
                                     compile=compile_, progress=not json_out))
     if "output" not in summary:  # a torchrun rank that neither decodes nor writes

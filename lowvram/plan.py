@@ -54,20 +54,33 @@ class RunShape:
 
 @dataclass
 class Layout:
+    """How a run is laid out: chosen once (by `plan`, or for a CPU / torchrun run by `fixed_layout`) and handed
+    to every rank as it is."""
+
     tp: int
     pp: int
-    stages: list[list[int]]
-    per_gpu_bytes: list[dict] = field(default_factory=list)
+    stages: list[list[int]]  # the layers of each pipeline stage
+    per_gpu_bytes: list[dict] = field(default_factory=list)  # empty: not planned (see `planned`)
     peak_bytes: int = 0
     fits: bool = False
     comm_bytes_per_block: int = 0
     seconds_per_block: float = 0.0
     mode: str = "resident"  # or "offload": other steps' caches in host RAM (one GPU)
     host_bytes: int = 0
+    vae_rank: int = 0  # the rank whose GPU also holds the VAE decoder
 
     @property
     def name(self) -> str:
         return f"tp{self.tp}xpp{self.pp}" + ("-offload" if self.mode == "offload" else "")
+
+    @property
+    def offload(self) -> bool:
+        return self.mode == "offload"
+
+    @property
+    def planned(self) -> bool:
+        """Whether the memory model was run for it (what each GPU holds is known)."""
+        return bool(self.per_gpu_bytes)
 
 
 def parse_gpus(spec: str) -> tuple[int, float]:
@@ -176,6 +189,14 @@ def split_layers(per_layer: dict[int, int], pp: int) -> list[list[int]]:
     return [s for s in stages if s] if len(stages) == pp else [ids[k::pp] for k in range(pp)]
 
 
+def fixed_layout(cfg: DiTConfig, tp: int, pp: int, fmt: str = "bf16", recipe: dict | None = None,
+                 mode: str = "resident") -> Layout:
+    """A tp x pp layout with the planner's stage split but no memory model: CPU runs, torchrun, and overrides of
+    a shape the planner does not consider."""
+    per_layer, _ = layer_param_bytes(cfg, recipe, fmt)
+    return Layout(tp=tp, pp=pp, stages=split_layers(per_layer, pp), mode=mode)
+
+
 def stage_memory(cfg: DiTConfig, shape: RunShape, layers: list[int], tp: int, per_layer: dict[int, int],
                  groups: dict[str, int], first: bool, last: bool, steps_resident: int) -> dict:
     h, w = shape.latent_hw()
@@ -275,7 +296,7 @@ PHASE_KEYS = ("stage", "peak", "conditioning")  # not summed into the DiT phase
 
 def add_vae_and_totals(lay: Layout, capacity: float, shape: RunShape, t5_quantization: str | None = None) -> None:
     totals = [sum(v for k, v in m.items() if isinstance(v, int) and k not in PHASE_KEYS) for m in lay.per_gpu_bytes]
-    least = min(range(len(totals)), key=totals.__getitem__)
+    lay.vae_rank = least = min(range(len(totals)), key=totals.__getitem__)
     lay.per_gpu_bytes[least]["vae_decode"] = vae_decode_bytes(shape)
     if len(lay.per_gpu_bytes) > 1:  # the DiT runs on worker processes; the VAE in the launcher
         lay.per_gpu_bytes[least]["launcher_context"] = int(CUDA_CONTEXT)

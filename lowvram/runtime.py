@@ -28,7 +28,7 @@ from lowvram.manifest import MANIFEST, check_tp_split, read_manifest
 from lowvram.media import CRF, video_uint8
 from lowvram.model.config import DiTConfig
 from lowvram.outputs import hold_lock, lock_path_for, partial_path, publish
-from lowvram.plan import KV_DTYPES, check_gpus, check_layout
+from lowvram.plan import KV_DTYPES, Layout, check_gpus, check_layout
 
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 TOKENIZER_DIR = "google/umt5-xxl"
@@ -59,6 +59,7 @@ class RunOptions:
     share_gpu: bool = False  # more ranks than visible GPUs: round-robin on them, each capped, gloo between them
     seconds: float | None = None
     num_clip: int | None = None  # upstream's --num_clip: at most this many 48-frame clips
+    pose_video: Path | None = None  # upstream's --pose_video: its frames become cond_states (zeros without)
     crf: int = CRF  # x264 quality of the mp4 (upstream's quality 8 ~ crf 10)
     latents: Path | None = None
     kv: str = "bf16"
@@ -186,10 +187,10 @@ def check_gpu_supports(comps: Components) -> None:
                              f"quantize with --format int8 (fast on Ampere) or int4 instead")
 
 
-def choose_layout(opts: RunOptions, comps: Components, device: str, latent_hw) -> tuple[int, int, bool]:
-    """(tp, pp, kv_offload): the user's override, or the planner's fastest layout that fits; refuse before loading.
-    Also decides where the ranks run (opts.extra["placement"]) and the VAE decoder's GPU (opts.extra["vae_gpu"])."""
-    from lowvram.plan import GiB, RunShape, parse_gpus, plan_layouts
+def choose_layout(opts: RunOptions, comps: Components, device: str, latent_hw) -> tuple[Layout, Placement | None]:
+    """The layout every rank runs (the user's override, or the planner's fastest that fits; refused before
+    anything loads) and where its ranks go on the GPUs (None on the CPU)."""
+    from lowvram.plan import GiB, RunShape, fixed_layout, parse_gpus, plan_layouts
 
     shape = RunShape(latent_hw[0] * 8, latent_hw[1] * 8, 1 if opts.kv == "fp8" else 2)
     fmt = comps.fmt if comps.fmt in ("fp8", "int8", "int4") else "bf16"
@@ -199,7 +200,8 @@ def choose_layout(opts: RunOptions, comps: Components, device: str, latent_hw) -
 
         check_cpu_run_fits(comps.cfg, shape, fmt, comps.recipe, read_vae_config(comps.vae),
                            what=f"--size {opts.size} ({shape.height}*{shape.width} for this image)")
-        return opts.tp or 1, opts.pp or 1, bool(opts.extra.get("kv_offload"))
+        mode = "offload" if opts.extra.get("kv_offload") else "resident"
+        return fixed_layout(comps.cfg, opts.tp or 1, opts.pp or 1, fmt, comps.recipe, mode), None
     check_gpu_supports(comps)
     visible = torch.cuda.device_count()
     total = torch.cuda.get_device_properties(0).total_memory
@@ -217,22 +219,20 @@ def choose_layout(opts: RunOptions, comps: Components, device: str, latent_hw) -
         if match and not fitting:
             raise DoesNotFitError(f"tp {tp} x pp {pp} needs {match[0].peak_bytes / 1024**3:.1f} GiB per GPU, "
                                   f"more than {gpus}; run `lowvram plan` for a layout that fits")
-        layout = fitting[0] if fitting else None
+        layout = fitting[0] if fitting else fixed_layout(comps.cfg, tp, pp, fmt, comps.recipe)
     else:
         layout = next((l for l in layouts if l.fits), None)
         if layout is None:
             raise DoesNotFitError(f"no layout fits {gpus} GiB at {opts.size}; run `lowvram plan {comps.dit} "
                                   f"--gpus {gpus}` to see what would (fp8 KV, int4, a smaller size, more GPUs)")
-        tp, pp = layout.tp, layout.pp
-    placement = place_on_gpus(opts, f"tp{tp}xpp{pp}", tp * pp, visible, total, capacity, layout)
-    opts.extra.update(placement=placement, capacity=capacity,
-                      vae_gpu=placement.gpus[vae_gpu(layout)] if layout is not None else 0)
-    return tp, pp, bool(layout is not None and layout.mode == "offload")
+    placement = place_on_gpus(opts, f"tp{layout.tp}xpp{layout.pp}", layout.tp * layout.pp, visible, total,
+                              capacity, layout)
+    return layout, placement
 
 
-def vae_gpu(layout) -> int:
-    """The rank whose GPU the planner gave the VAE decoder (the least loaded one)."""
-    return next((i for i, m in enumerate(layout.per_gpu_bytes) if "vae_decode" in m), 0)
+def decode_device(device: str, layout: Layout, placement: Placement | None) -> str:
+    """Where the launcher's VAE decoder runs: on the GPU of the layout's `vae_rank`."""
+    return "cpu" if device == "cpu" else f"cuda:{placement.gpus[layout.vae_rank] if placement else 0}"
 
 
 def default_gpus(visible: int, total: int, world: int, share: bool) -> str:
@@ -254,11 +254,12 @@ def count_x(count: int, size_bytes: float) -> str:
 @dataclass
 class Placement:
     """Where the ranks run: the visible GPU of each, its allocator cap (bytes, None = the whole GPU), the backend;
-    the launcher's cap (conditioning, the VAE decoder)."""
+    the size of GPU planned for (bytes) and the launcher's cap (conditioning, the VAE decoder)."""
 
     gpus: list[int]
     caps: list[int | None]
     backend: str
+    capacity: float
     launcher_cap: int | None = None
 
     def summary(self) -> dict:
@@ -268,7 +269,7 @@ class Placement:
 
 
 def place_on_gpus(opts: RunOptions, name: str, world: int, visible: int, total: int, capacity: float,
-                  layout) -> Placement:
+                  layout: Layout) -> Placement:
     """Ranks on the visible GPUs. More ranks than GPUs only with --share-gpu (refused before anything loads
     otherwise); ranks are capped to the planned GPU size when emulating one (--gpus or --share-gpu)."""
     from lowvram.parallel.launch import place_ranks
@@ -290,9 +291,9 @@ def place_on_gpus(opts: RunOptions, name: str, world: int, visible: int, total: 
                               f"plan for what is here (--gpus {count_x(world, total / per_gpu)}) or make more GPUs "
                               f"visible")
     if opts.gpus is None and world <= visible:  # the real GPUs: nothing to emulate
-        return Placement(gpus, [None] * world, backend)
-    caps = allocator_caps(layout, capacity) if layout is not None else [int(capacity - CUDA_CONTEXT)] * world
-    return Placement(gpus, caps, backend, launcher_cap=int(capacity - CUDA_CONTEXT))
+        return Placement(gpus, [None] * world, backend, capacity)
+    caps = allocator_caps(layout, capacity) if layout.planned else [int(capacity - CUDA_CONTEXT)] * world
+    return Placement(gpus, caps, backend, capacity, launcher_cap=int(capacity - CUDA_CONTEXT))
 
 
 def process_age_s() -> float | None:
@@ -318,13 +319,15 @@ class Timeline:
         self.marks[name] = round(time.monotonic() - self.origin, 2)
 
 
-def prepare_conditioning(opts: RunOptions, comps: Components, device: str, timeline: Timeline | None = None):
-    """Image, prompt and speech -> StreamInputs (DiT inputs), plus the pixel size; the encoders are freed."""
+def prepare_conditioning(opts: RunOptions, comps: Components, device: str, capacity: float | None = None,
+                         timeline: Timeline | None = None):
+    """Image, prompt and speech -> (StreamInputs (DiT inputs), the frames the video keeps, the motion latents); the
+    encoders are freed. `capacity`: the size of GPU planned for (where umT5 runs)."""
     from lowvram.conditioning.audio import audio_features
     from lowvram.conditioning.image import load_reference_image, max_area_for_size
     from lowvram.conditioning.text import TextEncoder
     from lowvram.conditioning.vae import WanVAE, runtime_dtype
-    from lowvram.parallel.engine import StreamInputs
+    from lowvram.model.sampler import StreamInputs
 
     pixels, (h, w) = load_reference_image(opts.image, max_area_for_size(opts.size))
     feats = audio_features(opts.audio, comps.wav2vec, device=device)
@@ -337,9 +340,15 @@ def prepare_conditioning(opts: RunOptions, comps: Components, device: str, timel
     vae = WanVAE.load(comps.vae, device=device, dtype=runtime_dtype(device))
     ref = vae.encode_reference(pixels.to(device)).float().cpu()
     motion = vae.encode_motion(pixels.to(device)).float().cpu()
+    pose = None
+    if opts.pose_video is not None:
+        from lowvram.conditioning.pose import pose_latents
+
+        clips = math.ceil(blocks / comps.cfg.blocks_per_clip)
+        pose = pose_latents(vae, opts.pose_video, clips, (h, w))[:, :, : blocks * comps.cfg.frames_per_block]
     del vae
     mark("vae_encode")
-    t5_device = opts.t5_device or default_t5_device(device, opts.extra.get("capacity"), opts.t5_quantization)
+    t5_device = opts.t5_device or default_t5_device(device, capacity, opts.t5_quantization)
     small = comps.t5.stat().st_size < 2**30  # tiny test encoders run in float32; umT5-XXL in bf16 (11.4 GB)
     encoder = TextEncoder(comps.t5, comps.tokenizer, device=t5_device,
                           dtype=torch.float32 if small else torch.bfloat16, quantization=opts.t5_quantization)
@@ -352,7 +361,7 @@ def prepare_conditioning(opts: RunOptions, comps: Components, device: str, timel
         raise CheckpointError(f"{comps.t5}: text encoder width {context.shape[-1]} != the DiT's text_dim "
                               f"{comps.cfg.text_dim}; the components come from different models")
     inputs = StreamInputs(context=context, ref_latents=ref, motion_latents=motion, audio=audio, num_blocks=blocks,
-                          seed=opts.seed, latent_hw=(h // 8, w // 8))
+                          seed=opts.seed, latent_hw=(h // 8, w // 8), pose=pose)
     return inputs, frames, motion
 
 
@@ -496,15 +505,14 @@ class BlockSink:
         return kept + (f"; {self.output} was left as it was" if self.output.exists() else "")
 
 
-def worker_spec(opts: RunOptions, comps: Components, tp: int, pp: int, device: str, inputs_path: str):
-    """What every rank needs to build its slice and run (the same for spawned workers and torchrun ranks)."""
-    from lowvram.parallel.stage import stage_layers
+def worker_spec(opts: RunOptions, comps: Components, layout: Layout, placement: Placement | None, device: str,
+                inputs_path: str):
+    """What every rank needs to build its slice and run (the same for spawned workers and torchrun ranks): the
+    run's layout as chosen, where each rank runs."""
     from lowvram.parallel.worker import WorkerSpec
 
-    fmt = comps.fmt if comps.fmt in ("fp8", "int8", "int4") else "bf16"
-    placement = opts.extra.get("placement")
-    return WorkerSpec(source=str(comps.dit), cfg=comps.cfg.to_dict(), tp=tp, pp=pp,
-                      stages=stage_layers(comps.cfg, pp, fmt, comps.recipe), inputs_path=inputs_path, device=device,
+    return WorkerSpec(source=str(comps.dit), cfg=comps.cfg.to_dict(), tp=layout.tp, pp=layout.pp,
+                      stages=layout.stages, inputs_path=inputs_path, device=device,
                       dtype="float32" if device == "cpu" else "bfloat16",
                       kv_dtype="fp8" if opts.kv == "fp8" else None, lora=str(comps.lora) if comps.lora else None,
                       quantized=comps.quantized, ref_update=opts.ref_update,
@@ -540,17 +548,22 @@ def run_under_torchrun(opts: RunOptions, comps: Components, device: str) -> dict
         raise InputError(f"--tp {tp} x --pp {pp} != {world} processes started by torchrun; make them agree")
     t_start = time.monotonic()
     box = [None]
-    if rank == 0:
-        box[0] = prepare_conditioning(opts, comps, device)
+    if rank == 0:  # the layout is chosen once, here, and handed to every rank with the conditioning
+        from lowvram.plan import fixed_layout
+
+        fmt = comps.fmt if comps.fmt in ("fp8", "int8", "int4") else "bf16"
+        layout = fixed_layout(comps.cfg, tp, pp, fmt, comps.recipe)
+        layout.vae_rank = (pp - 1) * tp  # the last stage's TP rank 0 receives the latents: it decodes
+        box[0] = layout, prepare_conditioning(opts, comps, device)
     dist.broadcast_object_list(box, src=0)
-    inputs, frames, motion = box[0]
-    spec = worker_spec(opts, comps, tp, pp, device, inputs_path="")
+    layout, (inputs, frames, motion) = box[0]
+    spec = worker_spec(opts, comps, layout, None, device, inputs_path="")
     topo = make_topology(tp, pp)
     here = device_for(spec, rank)
     model = load_stage(spec, topo, here)
     sink = None
     with contextlib.ExitStack() as stack:
-        if topo.last and topo.tp_rank == 0:
+        if rank == layout.vae_rank:
             stack.enter_context(hold_lock(lock_path_for(opts.output), f"--output {opts.output}"))
             sink = BlockSink(comps.vae, motion, opts.output, opts.audio, str(here),  # decodes on its own GPU
                              inputs.num_blocks, opts.latents, make_progress(opts, inputs.num_blocks),
@@ -565,8 +578,8 @@ def run_under_torchrun(opts: RunOptions, comps: Components, device: str) -> dict
                     sink.progress.close()
         replaced = sink.publish() if sink is not None else False
     shutdown_distributed()
-    summary = {"rank": rank, "layout": f"tp{tp}xpp{pp}", "device": device,
-               "seconds": round(time.monotonic() - t_start, 2)}
+    summary = {"rank": rank, "layout": layout.name, "stages": layout.stages, "rank_layers": {rank: model.layer_ids},
+               "device": device, "seconds": round(time.monotonic() - t_start, 2)}
     if sink is not None:
         summary.update(output=str(opts.output), blocks=sink.next_block, frames=sink.writer.frames_written,
                        time_to_first_frame_s=sink.first_frame_s, replaced=replaced)
@@ -607,28 +620,29 @@ def run_locked(opts: RunOptions, comps: Components, device: str, timeline: Timel
     img = read_image(opts.image)
     h, w = target_size(img.shape[0], img.shape[1], max_area_for_size(opts.size))
     check_output(opts.output, h, w, 4 * comps.cfg.frames_per_block)
-    tp, pp, kv_offload = choose_layout(opts, comps, device, (h // 8, w // 8))
-    placement = opts.extra.get("placement")
+    layout, placement = choose_layout(opts, comps, device, (h // 8, w // 8))
+    vae_device = decode_device(device, layout, placement)
     if placement is not None and placement.launcher_cap is not None:
         from lowvram.parallel.launch import cap_memory
 
-        for g in sorted({torch.cuda.current_device(), opts.extra["vae_gpu"]}):
+        for g in sorted({torch.cuda.current_device(), torch.device(vae_device).index}):
             cap_memory(torch.device("cuda", g), placement.launcher_cap)
     if comps.quantized:
-        check_tp_split(comps.dit, comps.manifest, tp)
+        check_tp_split(comps.dit, comps.manifest, layout.tp)
     timeline = timeline or Timeline()
     timeline.mark("checks_and_plan")
     t_start = time.monotonic()
-    inputs, frames, motion = prepare_conditioning(opts, comps, device, timeline)
+    inputs, frames, motion = prepare_conditioning(opts, comps, device, placement.capacity if placement else None,
+                                                  timeline)
     conditioning_peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
     progress = make_progress(opts, inputs.num_blocks)
-    sink = BlockSink(comps.vae, motion, opts.output, opts.audio,
-                     "cpu" if device == "cpu" else f"cuda:{opts.extra.get('vae_gpu', 0)}",
-                     inputs.num_blocks, opts.latents, progress, max_frames=frames, crf=opts.crf)
+    sink = BlockSink(comps.vae, motion, opts.output, opts.audio, vae_device, inputs.num_blocks, opts.latents,
+                     progress, max_frames=frames, crf=opts.crf)
     sink.t0 = t_start  # block times count from the start of the run (conditioning included)
     timeline.mark("vae_decoder_ready")
     ranks: dict[int, dict] = {}
     timing: dict[int, dict] = {}
+    rank_layers: dict[int, list[int]] = {}  # the layers each rank built: the layout's stages, as run
 
     def on_message(kind, rank, payload):
         if kind == "latent":
@@ -637,16 +651,19 @@ def run_locked(opts: RunOptions, comps: Components, device: str, timeline: Timel
             ranks[rank] = payload
         elif kind == "timing":
             timing[rank] = payload
+        elif kind == "layers":
+            rank_layers[rank] = payload
     try:
         with tempfile.TemporaryDirectory(prefix="lowvram-run-") as tmp:
-            spec = worker_spec(opts, comps, tp, pp, device, inputs_path=str(Path(tmp) / "inputs.pt"))
+            spec = worker_spec(opts, comps, layout, placement, device, inputs_path=str(Path(tmp) / "inputs.pt"))
             torch.save(inputs, spec.inputs_path)
-            if tp * pp == 1:
+            if layout.tp * layout.pp == 1:
                 if device == "cuda":
                     torch.cuda.reset_peak_memory_stats()  # the DiT's peak, not the conditioning's
                 model = load_stage(spec, Topology(), torch.device(device))
                 timeline.mark("dit_loaded")
-                runner = StageRunner(model, Topology(), inputs, on_latent=sink.put, kv_offload=kv_offload,
+                rank_layers[0] = model.layer_ids
+                runner = StageRunner(model, Topology(), inputs, on_latent=sink.put, kv_offload=layout.offload,
                                      ref_update=opts.ref_update,
                                      kv_dtype=torch.float8_e4m3fn if opts.kv == "fp8" else None)
                 runner.run()
@@ -657,7 +674,8 @@ def run_locked(opts: RunOptions, comps: Components, device: str, timeline: Timel
             else:
                 from lowvram.parallel.launch import spawn
 
-                spawn(run_worker, (spec,), tp * pp, placement.backend if placement else "gloo", on_message)
+                spawn(run_worker, (spec,), layout.tp * layout.pp, placement.backend if placement else "gloo",
+                      on_message)
     except BaseException as err:
         if progress is not None:
             progress.close()
@@ -676,7 +694,7 @@ def run_locked(opts: RunOptions, comps: Components, device: str, timeline: Timel
         timeline.marks["first_frame"] = round(t_start + sink.first_frame_s - timeline.origin, 2)
     return {"output": str(opts.output), "blocks": sink.next_block, "frames": sink.writer.frames_written,
             "seconds": round(elapsed, 2), "fps": round(sink.writer.frames_written / max(elapsed, 1e-9), 2),
-            "layout": f"tp{tp}xpp{pp}" + ("-offload" if kv_offload else ""), "device": device,
+            "layout": layout.name, "stages": layout.stages, "rank_layers": rank_layers, "device": device,
             "time_to_first_frame_s": sink.first_frame_s, "block_times_s": sink.block_times,
             "block_frames": sink.block_frames, "ranks": ranks, "stage_timing": timing, "replaced": replaced,
             "conditioning_gpu_alloc_bytes": conditioning_peak, "placement": placement.summary() if placement else None,

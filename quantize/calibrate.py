@@ -2,8 +2,8 @@
 
 All calibration samples run the sampler's actual path in lock-step — prefill of the reference/motion tokens
 (t = 0), then for each streamed block the 4 Euler steps at the scheduler's timesteps, each step writing and
-reading its own KV cache, with seeded (or scripted) reference-RoPE shift draws — exactly what
-`lowvram.model.sampler.Stream` computes (the tests check equality). The difference is the loop order: a pass
+reading its own KV cache, with seeded (or scripted) reference-RoPE shift draws — the sampler's
+steps (`lowvram.model.sampler`) in another schedule than `Stream`'s, with equal results (the tests check). A pass
 is one (block, step); inside a pass, layer l's weights (bf16, LoRA merged) are loaded from the checkpoint, every
 sample's tokens go through it (`run_layers(..., layers=[l])`), its input statistics are recorded, and it is
 freed before layer l+1 is loaded. The prefill is fused into the first pass (same layer loads).
@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lowvram.calibration.samples import CalibSample
 from lowvram.checkpoint import LoraWeights, build_meta_model, load_state_dict_streaming
 from lowvram.model.cache import CondCache, LayerCond, StepKV
 from lowvram.model.config import DiTConfig
 from lowvram.model.dit import BlockInputs, LiveAvatarDiT
-from lowvram.model.sampler import ShiftDraws, flow_schedule, reference_shift
+from lowvram.model.sampler import (ShiftDraws, StreamInputs, TimeModulation, block_inputs, encode_block_audio,
+                                   euler_step, prefill_inputs, token_grid)
 
 from .formats import set_act_step
 from .layout import layer_prefixes
@@ -113,11 +113,10 @@ class ModuleSource(LayerSource):
 
 @dataclass
 class _State:
-    sample: CalibSample
+    sample: StreamInputs
     role: str
     index: int
     grid: tuple[int, int]
-    fsl: int
     block_tokens: int
     draws: ShiftDraws
     cond: CondCache | None = None
@@ -126,8 +125,6 @@ class _State:
     text: torch.Tensor | None = None
     e6_zero: torch.Tensor | None = None
     x: torch.Tensor | None = None
-    start: int = 0
-    next_start: int = 0
     tokens: torch.Tensor | None = None
     inp: BlockInputs | None = None
     e: torch.Tensor | None = None
@@ -163,13 +160,6 @@ class TrajectoryResult:
     analysis_seconds: float = 0.0  # of `seconds`: layer_done callbacks (per-layer analysis in the last pass)
 
 
-def shift_script(cfg: DiTConfig, shifts: list[int] | None) -> dict[tuple[int, int], int] | None:
-    """A sample's scripted relative_dist list (block-major, one per step) -> ShiftDraws' (block, step) keys."""
-    if not shifts:
-        return None
-    return {(i // cfg.num_steps, i % cfg.num_steps): int(v) for i, v in enumerate(shifts)}
-
-
 def peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
@@ -201,14 +191,14 @@ def cond_tokens(cfg: DiTConfig, latent_hw: tuple[int, int]) -> int:
     return 2 * full + (h // (2 * ph)) * (w // (2 * pw)) + 4 * (h // (4 * ph)) * (w // (4 * pw))
 
 
-def host_state_estimate(cfg: DiTConfig, samples: Sequence[CalibSample], dtype_bytes: int = 2) -> int:
+def host_state_estimate(cfg: DiTConfig, samples: Sequence[StreamInputs], dtype_bytes: int = 2) -> int:
     """Host bytes of the samples' KV caches (all steps, all layers) + prefill caches + text K/V."""
     per_token = 2 * cfg.dim * dtype_bytes * cfg.num_layers  # K and V over all layers
     total = 0
     for s in samples:
         ph, pw = cfg.patch_size[1:]
         bt = cfg.frames_per_block * (s.latent_hw[0] // ph) * (s.latent_hw[1] // pw)
-        total += cfg.num_steps * len(s.blocks) * bt * per_token
+        total += cfg.num_steps * s.num_blocks * bt * per_token
         total += (cond_tokens(cfg, s.latent_hw) + cfg.text_len) * per_token
     return total
 
@@ -235,7 +225,7 @@ def _make_kv(cfg: DiTConfig, rows: int, capacity: int, dtype, store, scratch, ta
 
 
 @torch.no_grad()
-def run_trajectory(source: LayerSource, samples: Sequence[CalibSample], roles: Sequence[str] | None = None, *,
+def run_trajectory(source: LayerSource, samples: Sequence[StreamInputs], roles: Sequence[str] | None = None, *,
                    observer: Observer | None = None, store: torch.device | str = "cpu",
                    static_steps: bool = False, progress: Callable[[str], None] | None = None,
                    kv_scratch=None) -> TrajectoryResult:
@@ -266,50 +256,41 @@ def _run(source, samples, roles, observer, store, static_steps, progress, scratc
     store = torch.device(store)
     obs = observer or Observer()
     roles = list(roles) if roles is not None else ["train"] * len(samples)
-    timesteps, sigmas = flow_schedule(cfg.num_steps, cfg.scheduler_shift)
     prefill_step = cfg.num_steps
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
 
     nb = source.nonblock()
     dtype = nb.dtype
+    times = TimeModulation(nb)
     states: list[_State] = []
     for i, (s, role) in enumerate(zip(samples, roles)):
-        ph, pw = cfg.patch_size[1:]
-        h, w = s.latent_hw
-        grid = (h // ph, w // pw)
-        fsl = grid[0] * grid[1]
-        draws = ShiftDraws(cfg, seed=s.shift_seed, script=shift_script(cfg, s.shifts))
-        st = _State(s, role, i, grid, fsl, cfg.frames_per_block * fsl, draws)
-        st.text = nb.embed_text(s.context.to(device))
-        st.pre_tokens, positions, n_ref = nb.embed_cond(s.ref_latents.to(device), s.motion_latents.to(device))
-        _, st.e6_zero = nb.time_modulation(torch.zeros(1, device=device))
-        st.cond = CondCache(positions=positions.to(store), num_ref_tokens=n_ref)
-        rows = len(s.blocks) * st.block_tokens  # never wraps: calibration stays inside one clip
+        grid, _, block_tokens = token_grid(cfg, s.latent_hw)
+        st = _State(s, role, i, grid, block_tokens, s.draws(cfg))
+        pre = prefill_inputs(nb, s)
+        st.text, st.pre_tokens, st.e6_zero = pre.text, pre.tokens, pre.e6_zero
+        st.cond = CondCache(positions=pre.positions.to(store), num_ref_tokens=pre.num_ref_tokens)
+        rows = s.num_blocks * st.block_tokens  # never wraps: calibration stays inside one clip
         for step in range(cfg.num_steps):
             st.kv.append(_make_kv(cfg, rows, cfg.blocks_per_clip * st.block_tokens, dtype, store, scratch,
                                   f"s{i}.t{step}"))
         states.append(st)
 
-    max_blocks = max(len(s.blocks) for s in samples)
+    max_blocks = max(s.num_blocks for s in samples)
+    frames = cfg.frames_per_block
     passes = [(b, s) for b in range(max_blocks) for s in range(cfg.num_steps)]
     layer_loads = 0
     load_s = observe_s = 0.0
     for p, (b, step) in enumerate(passes):
-        active = [st for st in states if b < len(st.sample.blocks)]
-        for st in active:  # first-stage work of this forward (Stream.forward up to the layers)
-            noise, audio, cond_states = st.sample.blocks[b]
+        active = [st for st in states if b < st.sample.num_blocks]
+        for st in active:  # first-stage work of this forward
+            s = st.sample
             if step == 0:
-                st.x, st.start = noise.to(device).float(), st.next_start
-            frames = st.x.shape[1]
-            t = timesteps[step].expand(frames).to(device)
-            st.e, e6 = nb.time_modulation(t)
-            audio_global, audio_tokens = nb.encode_audio(audio.to(device))
-            rd = st.draws(st.start // st.block_tokens, step)
-            st.inp = BlockInputs(e6=e6, audio_global=audio_global, audio_tokens=audio_tokens, start=st.start,
-                                 ref_shift=reference_shift(cfg, st.start // st.fsl, rd), tokens_per_frame=st.fsl,
-                                 grid=st.grid)
-            st.tokens = nb.embed_noisy(st.x, cond_states.to(device))
+                st.x = s.block_noise(b, cfg).to(device).float()
+            st.e, e6 = times(step, frames)
+            audio = encode_block_audio(nb, s.block_audio(b, frames))
+            st.inp = block_inputs(cfg, st.grid, e6, audio, b * st.block_tokens, st.draws(b, step))
+            st.tokens = nb.embed_noisy(st.x, s.block_pose(b, frames, device))
         final = p == len(passes) - 1
         for layer in range(cfg.num_layers):
             if progress is not None:
@@ -319,7 +300,7 @@ def _run(source, samples, roles, observer, store, static_steps, progress, scratc
             load_s += time.perf_counter() - t_l
             layer_loads += 1
             obs.layer_loaded(layer, lm)
-            if p == 0:  # prefill (Stream.prefill), fused into the first pass
+            if p == 0:  # the prefill, fused into the first pass
                 if static_steps:
                     set_act_step(lm, prefill_step)
                 for st in states:
@@ -340,26 +321,25 @@ def _run(source, samples, roles, observer, store, static_steps, progress, scratc
                                       {layer: LayerCond(*(_to(t, device) for t in (lc.cond_k, lc.cond_v, lc.text_k,
                                                                                     lc.text_v)))})
                 kv = st.kv[step]
-                n_tok = st.tokens.shape[0]
-                view = _layer_kv(kv, layer, device, st.start, n_tok)
+                n_tok, start = st.tokens.shape[0], st.inp.start
+                view = _layer_kv(kv, layer, device, start, n_tok)
                 with obs.context(step, st.role):
                     st.tokens = lm.run_layers(st.tokens, st.inp, cond_view, view, layers=[layer])
                 if view is not kv:  # only the rows this block wrote go back to the host
-                    kv.k[layer][st.start:st.start + n_tok].copy_(view.k[layer][st.start:st.start + n_tok])
-                    kv.v[layer][st.start:st.start + n_tok].copy_(view.v[layer][st.start:st.start + n_tok])
+                    kv.k[layer][start:start + n_tok].copy_(view.k[layer][start:start + n_tok])
+                    kv.v[layer][start:start + n_tok].copy_(view.v[layer][start:start + n_tok])
             t_a = time.perf_counter()
             obs.layer_done(layer, lm, final)
             observe_s += time.perf_counter() - t_a
             source.release(layer, lm)
             del lm
         for st in active:  # last-stage work: head, Euler update
-            v = nb.head_out(st.tokens, st.e, (st.x.shape[1], *st.grid))
-            st.x = st.x + (sigmas[step + 1] - sigmas[step]) * v
+            v = nb.head_out(st.tokens, st.e, (frames, *st.grid))
+            st.x = euler_step(st.x, v, times.sigmas, step)
             st.velocities.append(v.float().cpu())
             st.tokens = st.inp = None
             if step == cfg.num_steps - 1:
                 st.finals.append(st.x.float().cpu())
-                st.next_start += st.block_tokens
 
     host = sum(kv.nbytes() for st in states for kv in st.kv) + sum(st.cond.nbytes() for st in states)
     result = TrajectoryResult(

@@ -14,7 +14,7 @@ from lowvram.errors import DoesNotFitError, InputError
 from lowvram.model.config import s2v_14b
 from lowvram.parallel.launch import place_ranks, spawn
 from lowvram.plan import CUDA_CONTEXT, GiB, RunShape, allocator_caps, plan_layouts, plan_summary, vae_decode_bytes
-from lowvram.runtime import Components, RunOptions, choose_layout, find_components
+from lowvram.runtime import Components, RunOptions, choose_layout, decode_device, find_components, worker_spec
 
 H200 = int(139.8 * GiB)
 
@@ -35,9 +35,9 @@ LATENT = (88, 48)  # 704x384
 
 
 def layout_for(gpus: str, **kw):
+    """(layout, placement) that `lowvram run --gpus GPUS` would run."""
     opts = RunOptions(model_dir=None, image=None, audio=None, prompt="", output=None, gpus=gpus, **kw)
-    tp, pp, offload = choose_layout(opts, comps_14b(), "cuda", LATENT)
-    return opts, tp, pp, offload
+    return choose_layout(opts, comps_14b(), "cuda", LATENT)
 
 
 def test_round_robin_and_the_backend():
@@ -60,10 +60,9 @@ def test_shared_gpu_runs_the_planned_layout_with_the_planned_budgets(monkeypatch
     """`lowvram run --gpus 4x24 --share-gpu` on one GPU: the layout `plan --gpus 4x24` picks, four ranks on GPU 0
     over gloo, each allocator capped to 24 GiB less what else the plan puts on that card."""
     fake_gpus(monkeypatch, 1)
-    opts, tp, pp, offload = layout_for("4x24", share_gpu=True)
+    layout, placement = layout_for("4x24", share_gpu=True)
     planned = next(l for l in plan_layouts(s2v_14b(), "4x24", RunShape(704, 384, 2), "int8") if l.fits)
-    assert (tp, pp, offload) == (planned.tp, planned.pp, False) == (1, 4, False)
-    placement = opts.extra["placement"]
+    assert (layout.tp, layout.pp, layout.offload) == (planned.tp, planned.pp, False) == (1, 4, False)
     assert placement.gpus == [0, 0, 0, 0] and placement.backend == "gloo"
     assert placement.caps == allocator_caps(planned, 24 * GiB)
     vae_rank = next(r for r, m in enumerate(planned.per_gpu_bytes) if "vae_decode" in m)
@@ -71,47 +70,45 @@ def test_shared_gpu_runs_the_planned_layout_with_the_planned_budgets(monkeypatch
         launcher_share = vae_decode_bytes(RunShape(704, 384)) + CUDA_CONTEXT if r == vae_rank else 0
         assert cap == int(24 * GiB - CUDA_CONTEXT - launcher_share)
     assert placement.launcher_cap == int(24 * GiB - CUDA_CONTEXT)
-    assert opts.extra["vae_gpu"] == 0
+    assert placement.gpus[layout.vae_rank] == 0
     row = next(r for r in plan_summary([planned], 24 * GiB))  # what `lowvram plan --json` reports for it
     assert row["name"] == "tp1xpp4" and row["allocator_caps"] == placement.caps
 
 
 def test_two_gpus_four_ranks_round_robin(monkeypatch):
     fake_gpus(monkeypatch, 2, total=int(79.2 * GiB))
-    opts, tp, pp, _ = layout_for("4x24", share_gpu=True, tp=2, pp=2)
-    assert (tp, pp) == (2, 2)
-    assert opts.extra["placement"].gpus == [0, 1, 0, 1] and opts.extra["placement"].backend == "gloo"
+    layout, placement = layout_for("4x24", share_gpu=True, tp=2, pp=2)
+    assert (layout.tp, layout.pp) == (2, 2)
+    assert placement.gpus == [0, 1, 0, 1] and placement.backend == "gloo"
     with pytest.raises(DoesNotFitError, match=r"--gpus 6x30: 3 ranks of 30 GiB do not fit GPU 0 \(79.2 GiB\); "
                                               r"plan for what is here \(--gpus 6x26\)"):
         layout_for("6x30", share_gpu=True, tp=2, pp=3)
     with pytest.raises(DoesNotFitError, match=r"--gpus 1x96: a 96 GiB rank does not fit GPU 0"):
         layout_for("1x96")
-    assert layout_for("2x80")[0].extra["placement"].backend == "nccl"  # an "80 GB" card: 79.2 GiB is close enough
+    assert layout_for("2x80")[1].backend == "nccl"  # an "80 GB" card: 79.2 GiB is close enough
 
 
 def test_an_override_without_gpus_shares_the_card_equally(monkeypatch):
     fake_gpus(monkeypatch, 1)
     with pytest.raises(InputError, match=r"tp1xpp2 needs 2 GPUs but 1 is visible; .* each capped at 69 GiB"):
         layout_for(None, pp=2)
-    opts, tp, pp, _ = layout_for(None, pp=2, share_gpu=True)
-    assert (tp, pp) == (1, 2)
-    assert opts.extra["capacity"] == 69 * GiB
-    assert all(c <= 69 * GiB - CUDA_CONTEXT for c in opts.extra["placement"].caps)
+    layout, placement = layout_for(None, pp=2, share_gpu=True)
+    assert (layout.tp, layout.pp) == (1, 2)
+    assert placement.capacity == 69 * GiB
+    assert all(c <= 69 * GiB - CUDA_CONTEXT for c in placement.caps)
 
 
 def test_real_gpus_are_not_capped(monkeypatch):
     fake_gpus(monkeypatch, 4, total=int(23.6 * GiB))
-    opts, tp, pp, _ = layout_for(None)
-    placement = opts.extra["placement"]
-    assert tp * pp == 4 and placement.backend == "nccl" and placement.gpus == [0, 1, 2, 3]
+    layout, placement = layout_for(None)
+    assert layout.tp * layout.pp == 4 and placement.backend == "nccl" and placement.gpus == [0, 1, 2, 3]
     assert placement.caps == [None] * 4 and placement.launcher_cap is None
 
 
 def test_one_big_gpu_emulating_a_24gb_card_caps_the_process(monkeypatch):
     fake_gpus(monkeypatch, 1)
-    opts, tp, pp, offload = layout_for("1x24", kv="fp8")
-    assert (tp, pp, offload) == (1, 1, True)  # fp8 weights + fp8 KV streamed from host RAM
-    placement = opts.extra["placement"]
+    layout, placement = layout_for("1x24", kv="fp8")
+    assert (layout.tp, layout.pp, layout.offload) == (1, 1, True)  # fp8 weights + fp8 KV streamed from host RAM
     assert placement.backend == "nccl" and placement.caps == [int(24 * GiB - CUDA_CONTEXT)]  # VAE in-process
 
 
@@ -198,3 +195,32 @@ def test_staged_channel_delivers_exact_tensors_over_gloo():
     results = []
     spawn(channel_worker, (), 2, "gloo", lambda kind, rank, payload: kind == "result" and results.append(payload))
     assert results == [True]
+
+
+# ----- one layout, from plan to every rank ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gpus,kv", [("1x24", "fp8"), ("1x24", "bf16"), ("2x24", "fp8"), ("4x24", "bf16"),
+                                     ("4x24", "fp8"), ("8x24", "bf16")])
+def test_the_ranks_get_the_layout_plan_printed(monkeypatch, gpus, kv):
+    """`lowvram plan` and `lowvram run` with the same --gpus: every rank's spec carries the layout plan chose (tp,
+    pp, its stage split, the offload mode), each rank's allocator cap is plan's, and the launcher decodes on the GPU
+    plan gave the VAE decoder; where plan finds nothing that fits, run refuses too."""
+    import lowvram.plan as plan
+
+    fake_gpus(monkeypatch, int(gpus.split("x")[0]))
+    monkeypatch.setattr(plan, "model_source", lambda model_dir: (s2v_14b(), None, "int8"))
+    report = plan.plan_report("a quantized folder", gpus, "704*384", kv, "pcie", None, "rtx4090")
+    if report["chosen"] is None:
+        with pytest.raises(DoesNotFitError):
+            layout_for(gpus, kv=kv)
+        return
+    printed = next(row for row in report["layouts"] if row["name"] == report["chosen"])
+    layout, placement = layout_for(gpus, kv=kv)
+    assert layout.name == printed["name"] and layout.mode == printed["mode"]
+    opts = RunOptions(model_dir=None, image=None, audio=None, prompt="", output=None, gpus=gpus, kv=kv)
+    spec = worker_spec(opts, comps_14b(), layout, placement, "cuda", "inputs.pt")
+    assert (spec.tp, spec.pp, spec.stages) == (printed["tp"], printed["pp"], printed["stages"])
+    assert spec.memory_caps == printed["allocator_caps"] and len(spec.gpus) == printed["tp"] * printed["pp"]
+    vae_rank = next(r for r, m in enumerate(printed["per_gpu_bytes"]) if "vae_decode" in m)
+    assert decode_device("cuda", layout, placement) == f"cuda:{spec.gpus[vae_rank]}"

@@ -59,13 +59,19 @@ def test_pipeline_workers_give_the_same_latents(tiny_ckpt, single_run):
     assert r.returncode == 0, r.stderr
     a, b = load_file(single_run / "a.safetensors"), load_file(single_run / "b.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-4
-    timing = json.loads(r.stdout.strip().splitlines()[-1])["stage_timing"]  # each stage's busy time per block
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    timing = summary["stage_timing"]  # each stage's busy time per block
     assert sorted(timing) == ["0", "1"]
     for t in timing.values():
         assert t["blocks"] == 3 and 0 <= t["wait_s"] <= t["loop_s"] and t["busy_s_per_block"] > 0
         assert abs(t["busy_s"] - (t["loop_s"] - t["wait_s"])) < 1e-3
     info = read_video_info(single_run / "b.mp4")
     assert info.num_frames == 25 and info.audio_codec == "aac"
+    # each worker built the stage of the one layout it was handed: the split `lowvram plan` prints for tp1xpp2
+    printed = json.loads(lowvram("plan", root, "--gpus", "2x24", "--size", "128*128", "--format", "bf16", "--json").stdout)
+    stages = next(row["stages"] for row in printed["layouts"] if row["name"] == "tp1xpp2")
+    assert summary["layout"] == "tp1xpp2" and summary["stages"] == stages
+    assert summary["rank_layers"] == {"0": stages[0], "1": stages[1]}
 
 
 @pytest.mark.parametrize("change,needle", [
@@ -110,6 +116,26 @@ def test_num_clip_caps_the_length_at_whole_clips(tiny_ckpt, tmp_path):
     assert read_video_info(tmp_path / "one.mp4").num_frames == 40  # one clip is 45 frames; the speech ends first
     both = lowvram(*run_args(root, lora, tmp_path / "x.mp4", "--num-clip", "1"))  # with --seconds 1
     assert both.returncode == 2 and "pass one of them" in both.stderr
+
+
+def test_a_pose_video_conditions_the_stream(tiny_ckpt, single_run, tmp_path):
+    import numpy as np
+
+    from lowvram.media import VideoWriter
+
+    root, lora = tiny_ckpt
+    with VideoWriter(tmp_path / "pose.mp4", fps=25) as v:  # a white bar sweeping over black
+        v.write(np.stack([np.pad(np.full((128, 8, 3), 255, np.uint8), ((0, 0), (4 * i, 120 - 4 * i), (0, 0)))
+                          for i in range(30)]))
+    r = lowvram(*run_args(root, lora, tmp_path / "posed.mp4", "--latents", tmp_path / "posed.safetensors",
+                          "--pose-video", tmp_path / "pose.mp4"))
+    assert r.returncode == 0, r.stderr
+    posed, plain = load_file(tmp_path / "posed.safetensors"), load_file(single_run / "a.safetensors")
+    assert sorted(posed) == sorted(plain) and all((posed[k] - plain[k]).abs().max() > 1e-3 for k in plain)
+    assert read_video_info(tmp_path / "posed.mp4").num_frames == 25
+    (tmp_path / "notes.mp4").write_text("not a video")
+    bad = lowvram(*run_args(root, lora, tmp_path / "x.mp4", "--pose-video", tmp_path / "notes.mp4"))
+    assert bad.returncode == 2 and "--pose-video" in bad.stderr.strip().splitlines()[-1]
 
 
 def test_frames_are_converted_and_encoded_as_upstream(single_run):

@@ -9,7 +9,8 @@ stage 0 exactly `pp` slots after (b, s-1) did, which is when (b, s-1) has left t
 busy and the order needs no negotiation. Stage k sends the hidden states of each item to stage k+1; the last
 stage applies the head and the Euler step and returns the latent to stage 0 for the next step. TP rank r of a
 stage talks only to TP rank r of its neighbours (activations are replicated inside a TP group).
-The degenerate case (one rank) runs the same loop without torch.distributed.
+The degenerate case (one rank) runs the same loop without torch.distributed. What each stage computes is the
+sampler's steps (`lowvram/model/sampler.py`); this module only orders them and moves their tensors.
 """
 
 from __future__ import annotations
@@ -18,14 +19,19 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from lowvram.model.cache import CondCache, StepKV
-from lowvram.model.dit import BlockInputs, LiveAvatarDiT
-from lowvram.model.sampler import ShiftDraws, flow_schedule, reference_shift
+from lowvram.model.dit import LiveAvatarDiT
+from lowvram.model.sampler import (PrefillInputs, StreamInputs, TimeModulation, block_inputs, clip_noise,
+                                   encode_block_audio, euler_step, first_latent_frame, prefill, prefill_inputs,
+                                   swaps_reference, token_grid, with_reference)
+
+__all__ = ["Channel", "StageRunner", "StreamInputs", "Topology", "clip_noise", "make_topology", "stage_timing",
+           "wavefront_schedule"]  # StreamInputs, clip_noise: the sampler's, where the runtime has always found them
 
 
 def wavefront_schedule(num_blocks: int, steps: int, pp: int, clip_blocks: int | None = None) -> list[tuple[int, int]]:
@@ -88,31 +94,6 @@ def make_topology(tp: int, pp: int) -> Topology:
     return topo
 
 
-@dataclass
-class StreamInputs:
-    """Conditioning computed once before the DiT loads (on the launcher, or rank 0 under torchrun)."""
-
-    context: torch.Tensor  # [Lc, text_dim]
-    ref_latents: torch.Tensor  # [1, 16, 1, h, w]
-    motion_latents: torch.Tensor  # [1, 16, 19, h, w]
-    audio: torch.Tensor  # [1, 25, A, 12 * num_blocks] per-video-frame features
-    num_blocks: int
-    seed: int = 0
-    latent_hw: tuple[int, int] = (0, 0)
-    extra: dict = field(default_factory=dict)
-
-    def block_audio(self, b: int, frames_per_block: int) -> torch.Tensor:
-        n = 4 * frames_per_block
-        return self.audio[..., n * b : n * (b + 1)]
-
-
-def clip_noise(cfg, inputs: StreamInputs, clip: int) -> torch.Tensor:
-    """Initial noise of one clip from a CPU generator seeded (seed + clip): identical on every layout."""
-    g = torch.Generator().manual_seed(inputs.seed + clip)
-    h, w = inputs.latent_hw
-    return torch.randn(cfg.in_dim, cfg.frames_per_block * cfg.blocks_per_clip, h, w, generator=g)
-
-
 def host_staged(device) -> bool:
     """gloo's send/recv take host tensors only (a CUDA tensor there aborts the process); NCCL takes CUDA ones."""
     return torch.device(device).type == "cuda" and dist.is_initialized() and dist.get_backend() == "gloo"
@@ -171,7 +152,9 @@ def stage_timing(loop_s: float, wait_s: float | None, blocks: int) -> dict:
 
 
 class StageRunner:
-    """Runs this rank's part of a stream: the pipelined prefill, then every (block, step) item."""
+    """The pipeline schedule of the sampler's steps for this rank: the pipelined prefill, then every (block, step)
+    item of the wavefront. The first stage embeds, every stage runs its layers and sends the hidden states on, the
+    last stage applies the head and the Euler step and returns the latent to the first for the next step."""
 
     def __init__(self, model: LiveAvatarDiT, topo: Topology, inputs: StreamInputs, kv_dtype=None,
                  on_latent: Callable[[int, torch.Tensor], None] | None = None, kv_offload: bool = False,
@@ -180,15 +163,10 @@ class StageRunner:
         self.cfg = cfg = model.cfg
         self.device = next(model.parameters()).device
         self.dtype = model.dtype
-        h, w = inputs.latent_hw
-        self.grid = (h // cfg.patch_size[1], w // cfg.patch_size[2])
-        self.fsl = self.grid[0] * self.grid[1]
-        self.block_tokens = cfg.frames_per_block * self.fsl
-        self.timesteps, self.sigmas = flow_schedule(cfg.num_steps, cfg.scheduler_shift)
-        self.timesteps = self.timesteps.to(self.device)  # no host-to-GPU copy (and wait) per forward
-        self.time_cache: dict[int, tuple] = {}
+        self.grid, self.fsl, self.block_tokens = token_grid(cfg, inputs.latent_hw)
+        self.times = TimeModulation(model)
         self.audio_cache: dict[int, tuple] = {}
-        self.draws = ShiftDraws(cfg, seed=inputs.seed)
+        self.draws = inputs.draws(cfg)
         self.kv_dtype = kv_dtype or self.dtype
         capacity = cfg.blocks_per_clip * self.block_tokens
         heads = cfg.num_heads // topo.tp
@@ -204,13 +182,10 @@ class StageRunner:
         self.on_latent = on_latent
         self.latents: dict[int, torch.Tensor] = {}  # (block) -> latent waiting for its next step (pp == 1)
         self.kill_after: int | None = None  # tests: die abruptly after this many items
-        # Upstream's multi-GPU pipeline swaps the reference for the first generated latent frame after clip 0
-        # and re-runs the conditioning prefill (its single-GPU default keeps the image's latent).
-        self.ref_update = ref_update
+        self.ref_update = ref_update  # upstream's multi-GPU pipeline: the reference swap after clip 0
         self.first_frame: torch.Tensor | None = None
         # calibrated static fp8 activation scales are per denoising step (and one for the prefill)
         self.per_step_scales = any(getattr(mod, "act_scales", None) is not None for mod in model.modules())
-        self.noise: dict[int, torch.Tensor] = {}
 
     # ----- shapes of what travels between stages -------------------------------------------------------
 
@@ -243,95 +218,75 @@ class StageRunner:
             dist.broadcast(ref, src=(self.topo.pp - 1) * self.topo.tp)  # last stage, TP rank 0
         return ref
 
+    def recv_prefill(self) -> PrefillInputs:
+        cfg, src = self.cfg, self.topo.peer(self.topo.stage - 1)
+        meta, = self.channel.recv([((2,), torch.int64)], src)
+        n_tok = int(meta[0])
+        text, tokens, positions, e6_zero = self.channel.recv(
+            [((cfg.text_len, cfg.dim), self.dtype), ((n_tok, cfg.dim), self.dtype), ((n_tok, 3), torch.int64),
+             ((1, 6, cfg.dim), torch.float32)], src)
+        return PrefillInputs(text, tokens, positions, int(meta[1]), e6_zero)
+
     @torch.no_grad()
-    def prefill(self, ref_latents: torch.Tensor | None = None) -> CondCache:
-        m, topo, cfg = self.model, self.topo, self.cfg
-        self.select_step(cfg.num_steps)  # the prefill's scales sit after the steps'
-        if topo.first:
-            text = m.embed_text(self.inputs.context.to(self.device))
-            ref = self.inputs.ref_latents if ref_latents is None else ref_latents
-            tokens, positions, n_ref = m.embed_cond(ref.to(self.device), self.inputs.motion_latents.to(self.device))
-            _, e6_zero = m.time_modulation(torch.zeros(1, device=self.device))
-            meta = torch.tensor([tokens.shape[0], n_ref], dtype=torch.int64, device=self.device)
-        else:
-            meta, = self.channel.recv([((2,), torch.int64)], topo.peer(topo.stage - 1))
-            n_tok = int(meta[0])
-            text, tokens, positions, e6_zero = self.channel.recv(
-                [((cfg.text_len, cfg.dim), self.dtype), ((n_tok, cfg.dim), self.dtype), ((n_tok, 3), torch.int64),
-                 ((1, 6, cfg.dim), torch.float32)], topo.peer(topo.stage - 1))
-            n_ref = int(meta[1])
-        cache = CondCache(positions=positions.to(self.device), num_ref_tokens=n_ref)
-        tokens = m.prefill_layers(tokens, e6_zero, positions, m.text_kv(text), cache)
+    def prefill(self, inputs: StreamInputs) -> CondCache:
+        """The first stage embeds the conditioning; every stage runs it through its layers and sends it on."""
+        topo = self.topo
+        self.select_step(self.cfg.num_steps)  # the prefill's scales sit after the steps'
+        pre = prefill_inputs(self.model, inputs) if topo.first else self.recv_prefill()
+        cache, tokens = prefill(self.model, pre)
         if not topo.last:
-            self.channel.send([meta, text, tokens, positions, e6_zero], topo.peer(topo.stage + 1))
+            meta = torch.tensor([tokens.shape[0], pre.num_ref_tokens], dtype=torch.int64, device=self.device)
+            self.channel.send([meta, pre.text, tokens, pre.positions, pre.e6_zero], topo.peer(topo.stage + 1))
         return cache
 
     # ----- the item loop ------------------------------------------------------------------------------------
 
-    def block_noise(self, b: int) -> torch.Tensor:
-        cfg = self.cfg
-        clip, within = divmod(b, cfg.blocks_per_clip)
-        if clip not in self.noise:
-            self.noise = {clip: clip_noise(cfg, self.inputs, clip)}
-        f = cfg.frames_per_block
-        return self.noise[clip][:, within * f : (within + 1) * f].to(self.device)
-
-    def time_modulation(self, s: int):
-        """(e, e6) of step s: the same for every block, so computed once per step."""
-        if s not in self.time_cache:
-            t = self.timesteps[s].expand(self.cfg.frames_per_block)
-            self.time_cache[s] = self.model.time_modulation(t)
-        return self.time_cache[s]
+    def block_latent(self, b: int, s: int) -> torch.Tensor:
+        """The latent item (b, s) starts from: the block's noise, or step s-1's result (from the last stage)."""
+        if s == 0:
+            return self.inputs.block_noise(b, self.cfg).to(self.device).float()
+        if self.topo.pp == 1:
+            return self.latents.pop(b)
+        x, = self.channel.recv(self.latent_spec(), self.topo.peer(self.topo.pp - 1))
+        return x
 
     def audio_encoding(self, b: int, s: int):
         """Block b's audio tokens: the same for its 4 steps, so encoded once (dropped after its last step)."""
         if b not in self.audio_cache:
-            audio = self.inputs.block_audio(b, self.cfg.frames_per_block).to(self.device)
-            self.audio_cache[b] = self.model.encode_audio(audio)
+            self.audio_cache[b] = encode_block_audio(self.model, self.inputs.block_audio(b, self.cfg.frames_per_block))
         return self.audio_cache.pop(b) if s == self.cfg.num_steps - 1 else self.audio_cache[b]
 
     @torch.no_grad()
     def run(self) -> None:
-        cond = self.prefill()
+        cond = self.prefill(self.inputs)
         m, topo, cfg = self.model, self.topo, self.cfg
+        frames, last_step = cfg.frames_per_block, cfg.num_steps - 1
         schedule = wavefront_schedule(self.inputs.num_blocks, cfg.num_steps, topo.pp, cfg.blocks_per_clip)
         t_loop, wait_before = time.perf_counter(), self.channel.wait_s
         for n, (b, s) in enumerate(schedule):
             if self.kill_after is not None and n >= self.kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
-            if self.ref_update and (b, s) == (cfg.blocks_per_clip, 0):
+            if s == 0 and swaps_reference(cfg, b, self.ref_update):
                 ref = self.new_reference()
                 cond = None  # free the old conditioning cache first: two at once cost ~2.4 GiB at the full size
-                cond = self.prefill(ref)
-            start = b * self.block_tokens
+                cond = self.prefill(with_reference(self.inputs, ref))
             self.select_step(s)  # static fp8 activation scales of this step, before any of its layers run
             if topo.first:
-                if s == 0:
-                    x = self.block_noise(b)
-                elif topo.pp == 1:
-                    x = self.latents.pop(b)
-                else:
-                    x, = self.channel.recv(self.latent_spec(), topo.peer(topo.pp - 1))
-                e, e6 = self.time_modulation(s)
-                audio_global, audio_tokens = self.audio_encoding(b, s)
-                pose = torch.zeros(1, cfg.cond_dim, cfg.frames_per_block, *self.inputs.latent_hw, device=self.device)
-                tokens = m.embed_noisy(x, pose)
-                audio_global, audio_tokens = audio_global.to(self.dtype), audio_tokens.to(self.dtype)
+                x = self.block_latent(b, s)
+                e, e6 = self.times(s, frames)
+                audio = self.audio_encoding(b, s)
+                tokens = m.embed_noisy(x, self.inputs.block_pose(b, frames, self.device))
             else:
-                tokens, e6, e, audio_global, audio_tokens, x = self.channel.recv(
-                    self.item_spec(), topo.peer(topo.stage - 1))
-            inp = BlockInputs(e6=e6, audio_global=audio_global, audio_tokens=audio_tokens, start=start,
-                              ref_shift=reference_shift(cfg, start // self.fsl, self.draws(b, s)),
-                              tokens_per_frame=self.fsl, grid=self.grid)
+                tokens, e6, e, *audio, x = self.channel.recv(self.item_spec(), topo.peer(topo.stage - 1))
+            inp = block_inputs(cfg, self.grid, e6, audio, b * self.block_tokens, self.draws(b, s))
             tokens = m.run_layers(tokens.to(self.dtype), inp, cond, self.kv[s])
             if not topo.last:
-                self.channel.send([tokens, e6, e, audio_global, audio_tokens, x], topo.peer(topo.stage + 1))
+                self.channel.send([tokens, e6, e, *audio, x], topo.peer(topo.stage + 1))
                 continue
-            v = m.head_out(tokens, e, (cfg.frames_per_block, *self.grid))
-            x = x + (self.sigmas[s + 1] - self.sigmas[s]) * v
-            if (b, s) == (0, cfg.num_steps - 1):
-                self.first_frame = x[None, :, :1].contiguous()
-            if s < cfg.num_steps - 1:
+            x = euler_step(x, m.head_out(tokens, e, (frames, *self.grid)), self.times.sigmas, s)
+            if (b, s) == (0, last_step):
+                self.first_frame = first_latent_frame(x)
+            if s < last_step:
                 if topo.pp == 1:
                     self.latents[b] = x
                 else:

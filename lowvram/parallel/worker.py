@@ -19,7 +19,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class WorkerSpec:
     source: str  # bf16 checkpoint (folder or single file) or a quantized folder
     cfg: dict
-    tp: int
+    tp: int  # tp, pp, stages: the run's Layout (lowvram.plan) as the launcher chose it; never recomputed here
     pp: int
     stages: list[list[int]]
     inputs_path: str  # torch.save'd StreamInputs
@@ -89,6 +89,7 @@ def run_worker(rank: int, world: int, out_queue, spec: WorkerSpec) -> torch.devi
         cap_memory(device, spec.memory_caps[rank] if spec.memory_caps else None)
     topo = make_topology(spec.tp, spec.pp)
     model = load_stage(spec, topo, device)
+    out_queue.put(("layers", rank, model.layer_ids))
     inputs: StreamInputs = torch.load(spec.inputs_path, weights_only=False)
     kill = os.environ.get("LOWVRAM_TEST_KILL_RANK")  # "rank:item" — fault-injection hook for the tests
     on_latent = lambda b, x: out_queue.put(("latent", rank, (b, x.numpy())))
