@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from lowvram.errors import InputError
+from lowvram.model.config import FPS
 
-FPS = 25
 AUDIO_RATE = 48000
 AAC_FRAME = 1024
 MOVFLAGS = "frag_keyframe+delay_moov+default_base_moof"

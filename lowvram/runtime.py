@@ -24,7 +24,7 @@ import torch
 
 from lowvram.errors import CheckpointError, DoesNotFitError, InputError, Interrupted, LowvramError, one_of
 from lowvram.manifest import MANIFEST, check_tp_split, read_manifest
-from lowvram.model.config import DiTConfig
+from lowvram.model.config import FPS, DiTConfig
 from lowvram.outputs import hold_lock, lock_path_for, partial_path, publish
 from lowvram.plan import KV_DTYPES, check_gpus, check_layout
 
@@ -32,7 +32,6 @@ T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 TOKENIZER_DIR = "google/umt5-xxl"
 VAE_FILE = "Wan2.1_VAE.pth"
 WAV2VEC_DIR = "wav2vec2-large-xlsr-53-english"
-FPS = 25
 DEVICES = ("auto", "cuda", "cpu")
 T5_DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
 MP4_BYTES_PER_PIXEL = 0.5  # per frame: pessimistic H.264 at crf 18 (noise-like frames; faces compress ~10x more)

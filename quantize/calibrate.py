@@ -16,7 +16,6 @@ are moved to the device.
 
 from __future__ import annotations
 
-import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from torch import nn
 
 from lowvram.calibration.samples import CalibSample
 from lowvram.checkpoint import LoraWeights, build_meta_model, load_state_dict_streaming
+from lowvram.host_memory import peak_rss_bytes
 from lowvram.model.cache import CondCache, LayerCond, StepKV
 from lowvram.model.config import DiTConfig
 from lowvram.model.dit import BlockInputs, LiveAvatarDiT
@@ -168,10 +168,6 @@ def shift_script(cfg: DiTConfig, shifts: list[int] | None) -> dict[tuple[int, in
     if not shifts:
         return None
     return {(i // cfg.num_steps, i % cfg.num_steps): int(v) for i, v in enumerate(shifts)}
-
-
-def peak_rss_bytes() -> int:
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def _to(t: torch.Tensor, device) -> torch.Tensor:

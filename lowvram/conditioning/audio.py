@@ -48,9 +48,9 @@ import torch
 import torch.nn.functional as F
 
 from lowvram.errors import CheckpointError, InputError
+from lowvram.model.config import FPS
 
 SAMPLE_RATE = 16000
-FPS = 25
 VIDEO_RATE = 30  # the encoder's internal feature rate (Hz)
 INFER_FRAMES = 48  # video frames per clip
 FRAMES_PER_BLOCK = 12  # 3 latent frames
