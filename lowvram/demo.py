@@ -19,7 +19,7 @@ from lowvram.model.config import DiTConfig
 
 
 def demo_config() -> DiTConfig:
-    from lowvram.synthetic import tiny_sizes
+    from lowvram.synthetic_models import tiny_sizes
 
     return tiny_sizes().dit
 
@@ -27,7 +27,7 @@ def demo_config() -> DiTConfig:
 def write_tiny_checkpoint(root: Path, seed: int = 0) -> Path:
     """The whole tiny Wan2.2-S2V-14B-shaped folder; returns the LoRA file's path."""
     from lowvram.checkpoint import LORA_NAME
-    from lowvram.synthetic import tiny_sizes, write_model_folder
+    from lowvram.synthetic_models import tiny_sizes, write_model_folder
 
     write_model_folder(root, tiny_sizes(), seed=seed)
     return root / LORA_NAME

@@ -10,11 +10,12 @@ import torch
 from fixtures import reference_dir, run_cli
 
 from lowvram import runtime
-from lowvram import synthetic as S
+from lowvram import synthetic_models as S
 from lowvram.conditioning.text import T5Config
 from lowvram.conditioning.vae import VAEConfig
 from lowvram.errors import InputError
 from lowvram.model.config import s2v_14b
+from lowvram.tensor_writer import write_pth, write_safetensors
 
 
 def manifest(name: str) -> dict:
@@ -72,8 +73,8 @@ def test_files_are_laid_out_then_filled_one_tensor_at_a_time(tmp_path):
         made.append(key)
         return drawn[key]
 
-    S.write_pth(tmp_path / "x.pth", specs, make)
-    S.write_safetensors(tmp_path / "x.safetensors", specs, make)
+    write_pth(tmp_path / "x.pth", specs, make)
+    write_safetensors(tmp_path / "x.safetensors", specs, make)
     assert made == ["w", "b", "e"] * 2
     from safetensors.torch import load_file
 
@@ -83,7 +84,7 @@ def test_files_are_laid_out_then_filled_one_tensor_at_a_time(tmp_path):
         for k, _, dtype in specs:
             assert loaded[k].dtype == dtype and torch.equal(loaded[k], drawn[k].to(dtype))
     with pytest.raises(ValueError, match="layout has"):
-        S.write_safetensors(tmp_path / "bad.safetensors", specs, lambda k: torch.zeros(1))
+        write_safetensors(tmp_path / "bad.safetensors", specs, lambda k: torch.zeros(1))
 
 
 def test_tiny_model_folder_loads_everywhere(tmp_path):
