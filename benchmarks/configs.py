@@ -15,8 +15,6 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from lowvram.checkpoint import file_sha256
 from lowvram.errors import InputError
 
@@ -183,18 +181,6 @@ class BenchClip:
     digest: str
 
 
-def _write_wav(path: Path, wave_f32: np.ndarray, rate: int) -> None:
-    import wave
-
-    pcm = (np.clip(wave_f32, -1, 1) * 32767).astype(np.int16)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with wave.open(str(path), "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(2)
-        f.setframerate(rate)
-        f.writeframes(pcm.tobytes())
-
-
 def load_clips(folder: Path, out: Path) -> list[BenchClip]:
     """The clip set (clips.json, as `lowvram calib make` writes it); segments are cut to REPORT/inputs/."""
     from lowvram.calibration.clips import load_clip_set
@@ -209,13 +195,14 @@ def load_clips(folder: Path, out: Path) -> list[BenchClip]:
         audio = Path(c.audio)
         if c.start_s or c.duration_s is not None:
             from lowvram.conditioning.audio import SAMPLE_RATE, decode_audio
+            from lowvram.media import write_wav
 
             rate = SAMPLE_RATE
             wav = decode_audio(audio, rate)
             a = int(round(c.start_s * rate))
             b = len(wav) if c.duration_s is None else a + int(round(c.duration_s * rate))
             audio = out / "inputs" / f"{name}.wav"
-            _write_wav(audio, wav[a:b], rate)
+            write_wav(audio, wav[a:b], rate)
         digest = hashlib.sha256(json.dumps([file_sha256(Path(c.image)), file_sha256(audio), c.prompt]).encode())
         clips.append(BenchClip(name, str(Path(c.image).resolve()), str(audio.resolve()), c.prompt,
                                digest.hexdigest()))

@@ -9,12 +9,12 @@ code a real user hits. The weights are random: the video shows noise, not a face
 from __future__ import annotations
 
 import json
-import wave
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from lowvram.media import write_wav
 from lowvram.model.config import DiTConfig
 
 
@@ -56,12 +56,7 @@ def speech_like_wave(path: Path, seconds: float, seed: int, rate: int = 16000) -
     syllables = np.clip(np.sin(2 * np.pi * 4.0 * t + rng.uniform(0, 6)), 0, None) ** 2
     pauses = (np.sin(2 * np.pi * 0.35 * t) > -0.6).astype(float)
     x = 0.3 * voice * syllables * pauses + 0.003 * rng.standard_normal(t.size)
-    pcm = (np.clip(x, -1, 1) * 32767).astype(np.int16)
-    with wave.open(str(path), "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(2)
-        f.setframerate(rate)
-        f.writeframes(pcm.tobytes())
+    write_wav(path, x, rate)
 
 
 def make_clips(folder: Path, count: int = 2, seconds: float = 1.6, size: int = 128) -> Path:
