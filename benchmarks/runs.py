@@ -160,7 +160,6 @@ def child_main(job_path: Path) -> int:
     return 0
 
 
-
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) == 2 and argv[0] == "--child":

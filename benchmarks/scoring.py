@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from lowvram.benchmarks.configs import BenchClip, BenchOptions, Config, say, slug
-from lowvram.benchmarks.metrics import PSNR_CAP
+from lowvram.benchmarks.metrics import AUDIO_RATE, PSNR_CAP
 from lowvram.benchmarks.summary import finite, summarize
 from lowvram.errors import InputError
 from lowvram.model.config import FPS
@@ -27,7 +27,6 @@ def _load_latents(path: Path) -> dict:
 
 
 def _clip_audio(clip: BenchClip) -> np.ndarray:
-    from lowvram.benchmarks.metrics import AUDIO_RATE
     from lowvram.conditioning.audio import decode_audio
 
     return decode_audio(clip.audio, AUDIO_RATE)

@@ -17,7 +17,6 @@ def finite(v):
     return v if math.isfinite(v) else None
 
 
-
 SUMMARY_COLUMNS = [
     # key, label, group, digits of precision (significant), is a delta
     ("config", "config", "both", None, False),

@@ -192,7 +192,6 @@ def track_landmarks(models: FaceModels, frames: np.ndarray) -> list[np.ndarray |
     return out
 
 
-
 def face_boxes(frames: np.ndarray, models: FaceModels, min_detected: int = 25) -> np.ndarray:
     """One face box per frame (the best detection; gaps interpolated), or InputError without a face track."""
     found = []

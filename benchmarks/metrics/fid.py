@@ -48,7 +48,6 @@ def frechet_distance_of(features_a, features_b) -> float:
     return frechet_distance(*feature_stats(features_a), *feature_stats(features_b))
 
 
-
 def find_fid_weights(given=None) -> Path:
     return find_weights(given, FID_WEIGHTS_ENV, [FID_WEIGHTS, "inception_v3_google-*.pth"], "FID",
                         "the InceptionV3 FID weights published with pytorch-fid, 91 MB", "--fid-weights")

@@ -114,7 +114,6 @@ def face_crops(frames: np.ndarray, boxes: np.ndarray, crop_scale: float = 0.40, 
     return out
 
 
-
 def sync_distances(lip_feats, aud_feats, vshift: int = VSHIFT):
     """Mean over frames of ||lip[i] - aud[i + j - vshift]|| for j in 0..2 vshift (audio zero-padded): [2 vshift + 1]."""
     import torch
