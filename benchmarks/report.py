@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+from lowvram.model.config import FPS
+
 FIGURES = "figures"
 
 
@@ -62,7 +64,7 @@ def plot_psnr(results: dict, path: Path) -> bool:
         for label in cands:
             q = results["quality"].get(label, {}).get(clip, {})
             if q.get("status") == "ok":
-                t = [f / 25 for f in range(len(q["psnr"]))]
+                t = [f / FPS for f in range(len(q["psnr"]))]
                 ax.plot(t, q["psnr"], label=label, lw=1.4)
         ax.set_title(clip)
         ax.set_xlabel("time (s)")

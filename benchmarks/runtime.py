@@ -157,7 +157,7 @@ def make_sink(args, cfg, inputs):
     from pathlib import Path
 
     from lowvram.runtime import BlockSink
-    from lowvram.synthetic import full_sizes, write_vae
+    from lowvram.synthetic_models import full_sizes, write_vae
 
     tmp = Path(tempfile.mkdtemp(prefix="lowvram-bench-sink-"))
     (vae_path,) = write_vae(tmp, full_sizes().vae, device="cuda")

@@ -45,7 +45,7 @@ def decode_stream(vae, motion, blocks):
 def main(argv=None):
     from lowvram.conditioning.vae import WanVAE
     from lowvram.plan import parse_size
-    from lowvram.synthetic import full_sizes, write_vae
+    from lowvram.synthetic_models import full_sizes, write_vae
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="704*384")

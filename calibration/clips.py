@@ -28,7 +28,6 @@ from lowvram.errors import InputError
 MANIFEST = "clips.json"
 FORMAT = "lowvram-clips"
 VERSION = 1
-AUDIO_RATE = 16000
 MIN_CLIP_S = 0.5
 MAKE_HINT = ("build a set with `lowvram calib make --image face.jpg --audio speech.wav --prompt \"...\" "
              "--out CLIPS_DIR`")
@@ -145,7 +144,10 @@ def _media_error(path: Path, err: Exception) -> str:
 
 def audio_duration(path: Path) -> float:
     """Length in seconds of an audio file (decoded once at 16 kHz with the conditioning code)."""
-    return len(read_audio(path)) / AUDIO_RATE
+    samples = read_audio(path)  # first: its one-line error when the media extras are missing
+    from lowvram.conditioning.audio import SAMPLE_RATE
+
+    return len(samples) / SAMPLE_RATE
 
 
 def read_audio(path: Path):

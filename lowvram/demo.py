@@ -9,17 +9,17 @@ code a real user hits. The weights are random: the video shows noise, not a face
 from __future__ import annotations
 
 import json
-import wave
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from lowvram.media import write_wav
 from lowvram.model.config import DiTConfig
 
 
 def demo_config() -> DiTConfig:
-    from lowvram.synthetic import tiny_sizes
+    from lowvram.synthetic_models import tiny_sizes
 
     return tiny_sizes().dit
 
@@ -27,7 +27,7 @@ def demo_config() -> DiTConfig:
 def write_tiny_checkpoint(root: Path, seed: int = 0) -> Path:
     """The whole tiny Wan2.2-S2V-14B-shaped folder; returns the LoRA file's path."""
     from lowvram.checkpoint import LORA_NAME
-    from lowvram.synthetic import tiny_sizes, write_model_folder
+    from lowvram.synthetic_models import tiny_sizes, write_model_folder
 
     write_model_folder(root, tiny_sizes(), seed=seed)
     return root / LORA_NAME
@@ -56,12 +56,7 @@ def speech_like_wave(path: Path, seconds: float, seed: int, rate: int = 16000) -
     syllables = np.clip(np.sin(2 * np.pi * 4.0 * t + rng.uniform(0, 6)), 0, None) ** 2
     pauses = (np.sin(2 * np.pi * 0.35 * t) > -0.6).astype(float)
     x = 0.3 * voice * syllables * pauses + 0.003 * rng.standard_normal(t.size)
-    pcm = (np.clip(x, -1, 1) * 32767).astype(np.int16)
-    with wave.open(str(path), "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(2)
-        f.setframerate(rate)
-        f.writeframes(pcm.tobytes())
+    write_wav(path, x, rate)
 
 
 def make_clips(folder: Path, count: int = 2, seconds: float = 1.6, size: int = 128) -> Path:

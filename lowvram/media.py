@@ -36,8 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from lowvram.errors import InputError
+from lowvram.model.config import FPS
 
-FPS = 25
 # Upstream writes with imageio at quality 8 (about x264 crf 10, preset medium) and AAC at 192 kb/s: the defaults here.
 CRF = 10
 PRESET = "medium"
@@ -358,3 +358,16 @@ def decode_audio_track(path: str | os.PathLike) -> tuple[np.ndarray, int]:
         except av.error.FFmpegError:
             pass
     return (np.concatenate(chunks, axis=1).astype(np.float32) if chunks else np.zeros((1, 0), np.float32)), rate
+
+
+def write_wav(path: str | os.PathLike, samples: np.ndarray, rate: int) -> None:
+    """Mono float samples in [-1, 1] (clipped) as a 16-bit PCM WAV file; the folder is created if needed."""
+    import wave
+
+    pcm = (np.clip(samples, -1, 1) * 32767).astype(np.int16)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(rate)
+        f.writeframes(pcm.tobytes())

@@ -26,7 +26,7 @@ import torch
 from lowvram.errors import CheckpointError, DoesNotFitError, InputError, Interrupted, LowvramError, one_of
 from lowvram.manifest import MANIFEST, check_tp_split, read_manifest
 from lowvram.media import CRF, video_uint8
-from lowvram.model.config import DiTConfig
+from lowvram.model.config import FPS, DiTConfig
 from lowvram.outputs import hold_lock, lock_path_for, partial_path, publish
 from lowvram.plan import KV_DTYPES, Layout, check_gpus, check_layout
 
@@ -34,7 +34,6 @@ T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 TOKENIZER_DIR = "google/umt5-xxl"
 VAE_FILE = "Wan2.1_VAE.pth"
 WAV2VEC_DIR = "wav2vec2-large-xlsr-53-english"
-FPS = 25
 UPSTREAM_SEED = 420  # upstream's default --base_seed
 DEVICES = ("auto", "cuda", "cpu")
 T5_DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")

@@ -16,7 +16,6 @@ are moved to the device.
 
 from __future__ import annotations
 
-import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from lowvram.checkpoint import LoraWeights, build_meta_model, load_state_dict_streaming
+from lowvram.host_memory import peak_rss_bytes
 from lowvram.model.cache import CondCache, LayerCond, StepKV
 from lowvram.model.config import DiTConfig
 from lowvram.model.dit import BlockInputs, LiveAvatarDiT
@@ -160,8 +160,6 @@ class TrajectoryResult:
     analysis_seconds: float = 0.0  # of `seconds`: layer_done callbacks (per-layer analysis in the last pass)
 
 
-def peak_rss_bytes() -> int:
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def _to(t: torch.Tensor, device) -> torch.Tensor:

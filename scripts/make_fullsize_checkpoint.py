@@ -20,7 +20,7 @@ from pathlib import Path
 
 def check_space(sizes, out: Path, dit_dir: Path) -> None:
     """Exit with a clear message unless each filesystem has room for what goes onto it."""
-    from lowvram.synthetic import planned_bytes
+    from lowvram.synthetic_models import planned_bytes
 
     need = planned_bytes(sizes)
     per_filesystem: dict[int, list] = {}
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from lowvram.synthetic import full_sizes, tiny_sizes, write_model_folder
+    from lowvram.synthetic_models import full_sizes, tiny_sizes, write_model_folder
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     sizes = tiny_sizes() if args.tiny else full_sizes()

@@ -21,7 +21,6 @@ from safetensors.numpy import load_file
 from fixtures import reference_dir
 from lowvram.conditioning.audio import (
     AudioFeatures,
-    StreamingAudioFeatures,
     Wav2Vec2Encoder,
     audio_features,
     block_audio,
@@ -33,6 +32,7 @@ from lowvram.conditioning.audio import (
     to_30fps,
 )
 from lowvram.errors import InputError
+from streaming_audio import StreamingAudioFeatures
 
 FIXTURE = reference_dir() / "audio_features"
 SPEECH = Path(__file__).parent / "data" / "speech_3s_16k.wav"

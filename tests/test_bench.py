@@ -9,7 +9,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from lowvram.benchmarks.bench import parse_config
+from lowvram.benchmarks.configs import parse_config
 
 from lowvram.demo import face_like_image, speech_like_wave, write_tiny_checkpoint
 from lowvram.errors import InputError
@@ -193,7 +193,7 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
 
 def test_report_with_gpu_ranks_and_syncnet(report, tmp_path):
     """The CUDA-only parts of the report (per-rank GPU memory, Sync-C/D) from results as a GPU machine writes them."""
-    from lowvram.benchmarks.bench import summarize
+    from lowvram.benchmarks.summary import summarize
     from lowvram.benchmarks.report import write_report
 
     out, _ = report

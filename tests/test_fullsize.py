@@ -11,10 +11,12 @@ from fixtures import reference_dir, run_cli
 
 from lowvram import runtime
 from lowvram import synthetic as S
+from lowvram import synthetic_models as SM
 from lowvram.conditioning.text import T5Config
 from lowvram.conditioning.vae import VAEConfig
 from lowvram.errors import InputError
 from lowvram.model.config import s2v_14b
+from lowvram.tensor_writer import write_pth, write_safetensors
 
 
 def manifest(name: str) -> dict:
@@ -26,7 +28,7 @@ def nbytes(specs) -> int:
 
 
 def test_full_size_specs_match_the_reference_manifests():
-    sizes = S.full_sizes()
+    sizes = SM.full_sizes()
     dit = manifest("dit_keys_s2v_14b.json")
     specs = S.dit_specs(sizes.dit)
     assert [(k, list(s)) for k, s, _ in specs] == [(k, v["shape"]) for k, v in dit["keys"].items()]
@@ -45,19 +47,19 @@ def test_full_size_specs_match_the_reference_manifests():
     assert by_key["base_model.model.audio_injector.injector.11.o.lora_B.default.weight"] == (5120, 128)
 
     t5 = manifest("t5_keys_umt5xxl.json")
-    specs = S.t5_specs(sizes.t5, sizes.t5_dtype)
+    specs = SM.t5_specs(sizes.t5, sizes.t5_dtype)
     assert [(k, list(s)) for k, s, _ in specs] == [(k, v["shape"]) for k, v in t5["keys"].items()]
     assert nbytes(specs) == t5["bytes_bf16"] and len(specs) == 242
 
     vae = manifest("vae_keys_wan21.json")
-    specs = S.vae_specs(sizes.vae)
+    specs = SM.vae_specs(sizes.vae)
     assert [(k, list(s)) for k, s, _ in specs] == [(k, v["shape"]) for k, v in vae["keys"].items()]
     assert nbytes(specs) == vae["bytes_fp32"] and len(specs) == 194
 
-    w2v = S.wav2vec_config(sizes.wav2vec)
+    w2v = SM.wav2vec_config(sizes.wav2vec)
     assert (w2v.hidden_size, w2v.num_hidden_layers + 1) == (sizes.dit.audio_dim, sizes.dit.audio_layers) == (1024, 25)
     assert w2v.do_stable_layer_norm and w2v.conv_bias and w2v.feat_extract_norm == "layer"
-    planned = S.planned_bytes(sizes)
+    planned = SM.planned_bytes(sizes)
     assert planned["dit"] == dit["bytes_bf16"] + 1_352_663_040
     assert 13.0e9 < planned["rest"] < 13.3e9  # umT5 11.36 + VAE 0.51 + wav2vec2-large 1.26 GB
     assert sizes.dit == s2v_14b()
@@ -72,8 +74,8 @@ def test_files_are_laid_out_then_filled_one_tensor_at_a_time(tmp_path):
         made.append(key)
         return drawn[key]
 
-    S.write_pth(tmp_path / "x.pth", specs, make)
-    S.write_safetensors(tmp_path / "x.safetensors", specs, make)
+    write_pth(tmp_path / "x.pth", specs, make)
+    write_safetensors(tmp_path / "x.safetensors", specs, make)
     assert made == ["w", "b", "e"] * 2
     from safetensors.torch import load_file
 
@@ -83,7 +85,7 @@ def test_files_are_laid_out_then_filled_one_tensor_at_a_time(tmp_path):
         for k, _, dtype in specs:
             assert loaded[k].dtype == dtype and torch.equal(loaded[k], drawn[k].to(dtype))
     with pytest.raises(ValueError, match="layout has"):
-        S.write_safetensors(tmp_path / "bad.safetensors", specs, lambda k: torch.zeros(1))
+        write_safetensors(tmp_path / "bad.safetensors", specs, lambda k: torch.zeros(1))
 
 
 def test_tiny_model_folder_loads_everywhere(tmp_path):
@@ -91,8 +93,8 @@ def test_tiny_model_folder_loads_everywhere(tmp_path):
     from lowvram.conditioning.text import TextEncoder
     from lowvram.conditioning.vae import WanVAE
 
-    sizes = S.tiny_sizes()
-    report = S.write_model_folder(tmp_path / "rest", sizes, dit_dir=tmp_path / "dit")
+    sizes = SM.tiny_sizes()
+    report = SM.write_model_folder(tmp_path / "rest", sizes, dit_dir=tmp_path / "dit")
     assert [p["part"] for p in report["parts"]] == ["DiT + LoRA", "umT5 encoder + tokenizer", "Wan2.1 VAE", "wav2vec2"]
     dit = tmp_path / "dit"
     code, out, err = run_cli("inspect", str(dit), "--lora", str(dit / "liveavatar.safetensors"), "--json")

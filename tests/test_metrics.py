@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from lowvram.benchmarks import metrics as M
+from lowvram.benchmarks.metrics.audio import _dct2_ortho
 
 from lowvram.errors import InputError
 
@@ -160,7 +161,7 @@ def test_mfcc_layout():
     sig = rng.standard_normal(16000) * 1000
     f = M.mfcc(sig)
     assert f.shape == (99, 13)  # 1 + ceil((16000 - 400) / 160) frames of 25 ms every 10 ms
-    d = M._dct2_ortho(26)
+    d = _dct2_ortho(26)
     assert np.allclose(d @ d.T, np.eye(26))
     pre = np.append(sig[:1], sig[1:] - 0.97 * sig[:-1])
     energy0 = (np.abs(np.fft.rfft(pre[:400], 512)) ** 2 / 512).sum()

@@ -14,9 +14,10 @@ from safetensors.torch import load_file
 
 from fixtures import reference_dir
 from lowvram.conditioning.vae import (
-    SingleGpuClipDecoder, Tiling, VAEConfig, convert_wan_vae_key, load_wan_vae, upstream_keys, vae_memory_bytes,
+    SingleGpuClipDecoder, VAEConfig, convert_wan_vae_key, load_wan_vae, upstream_keys, vae_memory_bytes,
 )
 from lowvram.errors import CheckpointError, InputError
+from vae_tiling import TiledDecoder, Tiling, tiled_decode, tiled_encode, tiled_memory_bytes
 
 FIXTURE = reference_dir() / "tiny_vae"
 # tiny_vae/README.md suggests max-abs <= 1e-5 on `basic` and `stream`, <= 5e-5 on the single-GPU clips, and
@@ -233,18 +234,18 @@ def test_tiling(vae):
     untiled = vae.decode(lat)
     # One tile covering the frame is the untiled decode, bit for bit (encode too).
     whole = Tiling(tile=max(h, w), overlap=0)
-    assert torch.equal(vae.decode(lat, tiling=whole), untiled)
-    assert torch.equal(vae.encode(d["ref_pixel"], tiling=whole), vae.encode(d["ref_pixel"]))
+    assert torch.equal(tiled_decode(vae, lat, whole), untiled)
+    assert torch.equal(tiled_encode(vae, d["ref_pixel"], whole), vae.encode(d["ref_pixel"]))
     # Real tiles: per-tile caches persist across streaming calls (also when parked on the CPU), so
     # chunked streaming equals one tiled decode; the result is a blend close in shape/range to untiled.
     small = Tiling(tile=3, overlap=1, offload_cache=True)
     assert len(small.grid(h, w)) > 1
-    one = vae.decode(lat, tiling=small)
-    dec = vae.streaming_decoder(tiling=small)
+    one = tiled_decode(vae, lat, small)
+    dec = TiledDecoder(vae, small)
     parts = [dec.decode_chunk(chunk) for chunk in chunks]  # the pipeline's calls: warm-up, then blocks
     assert torch.equal(torch.cat(parts, 2), one)
     assert one.shape == untiled.shape and one.abs().max() <= 1.0
-    assert vae.encode(d["ref_pixel"], tiling=small).shape == vae.encode(d["ref_pixel"]).shape
+    assert tiled_encode(vae, d["ref_pixel"], small).shape == vae.encode(d["ref_pixel"]).shape
     with pytest.raises(InputError):
         dec.decode_chunk(lat[:, :, :1, :-1])  # another latent size within the same stream
 
@@ -255,5 +256,5 @@ def test_memory_at_704x384():
     assert bf16["weights"] == 126_892_531 * 2 and fp32["weights"] == 126_892_531 * 4
     for key in ("decode_peak", "encode_peak"):
         assert 0.5e9 < bf16[key] < 6e9 and fp32[key] > bf16[key]
-    tiled = vae_memory_bytes(384, 704, dtype=torch.bfloat16, tiling=Tiling(offload_cache=True))
+    tiled = tiled_memory_bytes(384, 704, Tiling(offload_cache=True), dtype=torch.bfloat16)
     assert tiled["decode_peak"] < bf16["decode_peak"] / 2

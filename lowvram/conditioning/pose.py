@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from lowvram.conditioning.image import crop_plan, resized_size
 from lowvram.errors import InputError
-from lowvram.media import FPS
+from lowvram.model.config import FPS
 
 POSE_FIX = "pass an .mp4/.mov/.webm pose video (e.g. rendered skeletons of the motion to follow)"
 

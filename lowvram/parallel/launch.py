@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lowvram.errors import LowvramError
+from lowvram.host_memory import peak_rss_bytes
 
 # A collective may wait for its peers' loading and first compile, which add up along a pipeline (stage 3 receives
 # after stages 0-2 each compiled their prefill: minutes at full size). Dead ranks are caught within seconds by
@@ -79,21 +80,6 @@ def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.barrier()  # gloo aborts a rank that tears down while a peer still talks to it
         dist.destroy_process_group()
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set of this process image: VmHWM (reset at exec, unlike ru_maxrss, which keeps the parent's
-    size from before the fork of a spawned child)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def peak_memory(device=None) -> dict:
