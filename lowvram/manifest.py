@@ -176,7 +176,7 @@ def inspect_quantized(folder: str | Path) -> dict:
 def quantized_renderables(report: dict) -> list:
     from rich.table import Table
 
-    from lowvram.checkpoint import _gb
+    from lowvram.inspection import gb
 
     t = Table(title=f"quantized folder {report['path']}", show_header=False, title_justify="left")
     t.add_column(style="bold")
@@ -190,7 +190,7 @@ def quantized_renderables(report: dict) -> list:
         t.add_row("kept bf16", ", ".join(report["keep_bf16"]))
     t.add_row("tensor parallel", f"split for --tp {report['tp']}")
     files = report["files"]
-    t.add_row("files", f"{len(files)} files, {_gb(sum(f['bytes'] or 0 for f in files))}")
+    t.add_row("files", f"{len(files)} files, {gb(sum(f['bytes'] or 0 for f in files))}")
     t.add_row("source", f"{report['source']['path']}" + (f" + LoRA {report['source']['lora']}"
                                                           if report["source"]["lora"] else ""))
     bad = [f["name"] for f in files if not f["ok"]]

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from lowvram.conditioning.text import check_keys, read_state_dict
+from lowvram.conditioning.text import check_keys
+from lowvram.pth import read_state_dict
 from lowvram.errors import CheckpointError, InputError
 
 VAE_CHECKPOINT_NAME = "Wan2.1_VAE.pth"
