@@ -23,15 +23,15 @@ from lowvram.pth import is_pickle, pickle_state, refuse_pickle, short_error
 
 MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
 
-_DTYPES: dict[str, torch.dtype] = {
+NAME_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
     "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("F8_E8M0", "float8_e8m0fnu")):
     if hasattr(torch, _attr):
-        _DTYPES[_name] = getattr(torch, _attr)
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in _DTYPES.items()}
+        NAME_DTYPES[_name] = getattr(torch, _attr)
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in NAME_DTYPES.items()}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -131,7 +131,7 @@ def read_header(path: str | Path) -> Header:
     for name, info in table.items():
         bad = f"{path}: corrupt safetensors header at tensor {name!r}"
         try:
-            dtype = _DTYPES[info["dtype"]]
+            dtype = NAME_DTYPES[info["dtype"]]
             shape = tuple(int(s) for s in info["shape"])
             begin, end = (int(o) for o in info["data_offsets"])
         except KeyError as err:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lowvram.kernels import linear as K
+from lowvram.kernels.linear import set_act_step  # noqa: F401 (its home is the runtime side; calibrate imports it here)
 
 from .stats import GroupStats
 
@@ -111,15 +112,6 @@ def build_module(linear: nn.Linear, plan: LinearPlan) -> nn.Module:
         mod.register_buffer("act_scales", plan.act_scales.float().to(linear.weight.device).clone())
         mod.act_scale = mod.act_scales.max()
     return mod
-
-
-def set_act_step(model: nn.Module, step: int | None) -> None:
-    """Select the static fp8 activation scale of denoising step `step` (num_steps = the prefill; None = the
-    max over steps) in every Linear that has per-step scales. Dynamic layers are untouched."""
-    for mod in model.modules():
-        scales = getattr(mod, "act_scales", None)
-        if isinstance(mod, K.Fp8Linear) and scales is not None:
-            mod.act_scale = scales.max() if step is None else scales[step]
 
 
 def _quant_out(mod: nn.Module, x: torch.Tensor, steps: torch.Tensor | None = None) -> torch.Tensor:

@@ -35,6 +35,7 @@ from lowvram.checkpoint import (
 )
 from lowvram.errors import CheckpointError, DoesNotFitError, InputError
 from lowvram.kernels import linear as K
+from lowvram.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST, verify_folder
 from lowvram.model.config import DiTConfig
 from lowvram.outputs import hold_lock, lock_path_for
 from lowvram.plan import available_ram
@@ -44,7 +45,7 @@ from .formats import DEFAULT_ALPHAS, QUANT_FORMATS, LinearPlan, analyze_linear, 
 from .io import TMP_MARK, atomic_write_json, atomic_write_text, file_sha256, header_fingerprint, read_safetensors, \
     write_safetensors
 from .layout import NONBLOCK, block_file, check_tp, input_group, split_state
-from .loader import FORMAT_NAME, FORMAT_VERSION, MANIFEST, QuantizedSource
+from .loader import QuantizedSource
 from .stats import Recorder, quantizable_linears
 
 PROGRESS = "progress.json"
@@ -372,8 +373,6 @@ def _quantize_locked(opts: QuantizeOptions, encoders) -> dict:
     journal = _load_json(out / PROGRESS) if (out / PROGRESS).exists() else None
     if existing is not None:
         if existing.get("run_key") == run_key:
-            from .loader import verify_folder
-
             verify_folder(out)
             bar.log(f"{out}: already quantized with these settings (files verified)")
             return _load_json(out / REPORT_JSON) or {}
@@ -446,7 +445,7 @@ def _quantize_locked(opts: QuantizeOptions, encoders) -> dict:
             source.release(layer, lm)
             del lm
             names = []
-            for rank, part in enumerate(split_state(state, recipe, opts.tp)):
+            for rank, part in enumerate(split_state(state, opts.tp)):
                 name = block_file(layer, rank, opts.tp)
                 sha, size = write_safetensors(out / name, part, {"format": FORMAT_NAME, "layer": str(layer),
                                                                   "tp": f"{rank}/{opts.tp}"})
