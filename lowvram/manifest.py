@@ -85,7 +85,7 @@ def check_format(path: Path, manifest: dict) -> None:
 def check_weight_dtypes(folder: Path, manifest: dict) -> None:
     """Every Linear weight in the files (headers only) is stored as its recipe format says, and no quantized
     weight sits where the recipe says bf16: a manifest edited or mixed up with other files is refused at load."""
-    from lowvram.checkpoint import dtype_name, read_header
+    from lowvram.headers import dtype_name, read_header
     from lowvram.kernels.linear import WEIGHT_DTYPES
 
     recipe = manifest["recipe"]
@@ -113,7 +113,7 @@ def check_tp_split(folder: Path, manifest: dict, tp: int) -> None:
 def file_problems(folder: Path, manifest: dict, hashes: bool = True) -> dict[str, str]:
     """name -> what is wrong ('missing', a size or sha256 mismatch), for every listed file that is not intact.
     Without `hashes` the files' sizes and safetensors headers are checked, not their bytes (`lowvram plan`)."""
-    from lowvram.checkpoint import file_sha256, read_header
+    from lowvram.headers import file_sha256, read_header
 
     problems = {}
     for name, entry in sorted(manifest["files"].items()):

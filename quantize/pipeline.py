@@ -30,11 +30,11 @@ import torch
 
 from lowvram.calibration.clips import MAKE_HINT
 from lowvram.calibration.samples import CalibSample, check_samples, load_calibration, samples_digest
-from lowvram.checkpoint import (
-    LORA_NAME, build_meta_model, check_keys, checkpoint_index, identify, read_config_json, read_lora,
-)
 from lowvram.errors import CheckpointError, DoesNotFitError, InputError
+from lowvram.identify import build_meta_model, check_keys, identify, read_config_json
+from lowvram.index import LORA_NAME, checkpoint_index
 from lowvram.kernels import linear as K
+from lowvram.lora import read_lora
 from lowvram.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST, verify_folder
 from lowvram.model.config import DiTConfig
 from lowvram.outputs import hold_lock, lock_path_for
