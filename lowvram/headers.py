@@ -39,9 +39,6 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-# Headers and the index
-
-
 class TensorEntry(NamedTuple):
     """Where one tensor lives: `offsets` is its absolute byte range in `file` (None for a pickle file)."""
 
@@ -158,8 +155,6 @@ def check_no_overlap(path: Path, tensors: dict[str, TensorEntry], data_start: in
             raise CheckpointError(f"{path}: corrupt safetensors header: tensors {a!r} (bytes {a0 - data_start}.."
                                   f"{a1 - data_start}) and {b!r} ({b0 - data_start}..{b1 - data_start}) overlap; "
                                   f"{redownload(path)}")
-
-
 
 
 def file_index(path: Path, allow_pickle: bool = False) -> dict[str, TensorEntry]:

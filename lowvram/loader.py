@@ -65,7 +65,6 @@ def assign_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
         raise KeyError(key)
 
 
-
 def load_state_dict_streaming(
     ckpt: str | Path | Mapping[str, TensorEntry],
     model_or_keys: nn.Module | Iterable[str] | None = None,
