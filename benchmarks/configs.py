@@ -15,7 +15,10 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lowvram.checkpoint import file_sha256
+from lowvram.headers import file_sha256
+from lowvram.identify import CONFIG_NAME
+from lowvram.index import LORA_NAME
+from lowvram.manifest import MANIFEST, read_manifest
 from lowvram.errors import InputError
 
 RUN_OPTION_KEYS = {"kv": str, "tp": int, "pp": int, "gpus": str, "lora": str, "ckpt-dir": str, "t5-device": str,
@@ -120,14 +123,9 @@ def parse_config(spec: str, role: str) -> Config:
         raise InputError(f"{d}: no such folder (from {spec!r}); pass a bf16 checkpoint folder or a folder written "
                          f"by `lowvram quantize`")
     opts = _parse_options(spec, opt_text) if opt_text.strip() else {}
-    manifest = d / "manifest.json"
-    if manifest.is_file():
-        try:
-            fmt = str(json.loads(manifest.read_text()).get("format", "quantized"))
-        except ValueError:
-            raise InputError(f"{manifest}: not valid JSON; re-run `lowvram quantize`") from None
-        quantized = True
-    elif (d / "config.json").is_file():
+    if (d / MANIFEST).is_file():
+        fmt, quantized = read_manifest(d)["format"], True
+    elif (d / CONFIG_NAME).is_file():
         fmt, quantized = "bf16", False
     else:
         raise InputError(f"{d}: neither a quantized folder (manifest.json) nor a checkpoint (config.json)")
@@ -139,8 +137,8 @@ def parse_config(spec: str, role: str) -> Config:
         raise InputError(f"{spec!r}: --lora applies to a bf16 checkpoint; a quantized folder has it merged")
     if lora and not Path(lora).is_file():
         raise InputError(f"{lora}: LoRA file not found (from {spec!r})")
-    if not quantized and not lora and not opts.get("no-lora") and (d / "liveavatar.safetensors").is_file():
-        lora, lora_auto = str((d / "liveavatar.safetensors").resolve()), True
+    if not quantized and not lora and not opts.get("no-lora") and (d / LORA_NAME).is_file():
+        lora, lora_auto = str((d / LORA_NAME).resolve()), True
     for key in ("tp", "pp"):
         if key in opts and opts[key] < 1:
             raise InputError(f"{spec!r}: --{key} must be at least 1")

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from lowvram.benchmarks.configs import BenchClip, Config
+from lowvram.manifest import MANIFEST
 
 GIB = 1024**3
 
@@ -26,7 +27,7 @@ def _model_identity(cfg: Config) -> str:
     d = Path(cfg.model_dir)
     h = hashlib.sha256()
     if cfg.quantized:
-        h.update((d / "manifest.json").read_bytes())
+        h.update((d / MANIFEST).read_bytes())
     else:
         for p in sorted(d.glob("*.json")):
             h.update(p.name.encode() + p.read_bytes())

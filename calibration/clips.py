@@ -22,7 +22,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from lowvram.checkpoint import file_sha256
+from lowvram.headers import file_sha256
 from lowvram.errors import InputError
 
 MANIFEST = "clips.json"

@@ -26,7 +26,7 @@ def demo_config() -> DiTConfig:
 
 def write_tiny_checkpoint(root: Path, seed: int = 0) -> Path:
     """The whole tiny Wan2.2-S2V-14B-shaped folder; returns the LoRA file's path."""
-    from lowvram.checkpoint import LORA_NAME
+    from lowvram.index import LORA_NAME
     from lowvram.synthetic_models import tiny_sizes, write_model_folder
 
     write_model_folder(root, tiny_sizes(), seed=seed)
@@ -80,7 +80,7 @@ def run_demo(out: Path, device: str = "cpu", console=None) -> dict:
 
     from rich.console import Console
 
-    from lowvram.checkpoint import inspect_checkpoint
+    from lowvram.inspection import inspect_checkpoint
     from lowvram.plan import plan_report
     from lowvram.runtime import RunOptions, run
 

@@ -85,7 +85,7 @@ def check_format(path: Path, manifest: dict) -> None:
 def check_weight_dtypes(folder: Path, manifest: dict) -> None:
     """Every Linear weight in the files (headers only) is stored as its recipe format says, and no quantized
     weight sits where the recipe says bf16: a manifest edited or mixed up with other files is refused at load."""
-    from lowvram.checkpoint import dtype_name, read_header
+    from lowvram.headers import dtype_name, read_header
     from lowvram.kernels.linear import WEIGHT_DTYPES
 
     recipe = manifest["recipe"]
@@ -113,7 +113,7 @@ def check_tp_split(folder: Path, manifest: dict, tp: int) -> None:
 def file_problems(folder: Path, manifest: dict, hashes: bool = True) -> dict[str, str]:
     """name -> what is wrong ('missing', a size or sha256 mismatch), for every listed file that is not intact.
     Without `hashes` the files' sizes and safetensors headers are checked, not their bytes (`lowvram plan`)."""
-    from lowvram.checkpoint import file_sha256, read_header
+    from lowvram.headers import file_sha256, read_header
 
     problems = {}
     for name, entry in sorted(manifest["files"].items()):
@@ -176,7 +176,7 @@ def inspect_quantized(folder: str | Path) -> dict:
 def quantized_renderables(report: dict) -> list:
     from rich.table import Table
 
-    from lowvram.checkpoint import _gb
+    from lowvram.inspection import gb
 
     t = Table(title=f"quantized folder {report['path']}", show_header=False, title_justify="left")
     t.add_column(style="bold")
@@ -190,7 +190,7 @@ def quantized_renderables(report: dict) -> list:
         t.add_row("kept bf16", ", ".join(report["keep_bf16"]))
     t.add_row("tensor parallel", f"split for --tp {report['tp']}")
     files = report["files"]
-    t.add_row("files", f"{len(files)} files, {_gb(sum(f['bytes'] or 0 for f in files))}")
+    t.add_row("files", f"{len(files)} files, {gb(sum(f['bytes'] or 0 for f in files))}")
     t.add_row("source", f"{report['source']['path']}" + (f" + LoRA {report['source']['lora']}"
                                                           if report["source"]["lora"] else ""))
     bad = [f["name"] for f in files if not f["ok"]]

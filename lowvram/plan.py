@@ -145,7 +145,7 @@ def parse_size(spec: str) -> tuple[int, int]:
 
 def layer_param_bytes(cfg: DiTConfig, recipe: dict[str, str] | None, default_fmt: str) -> tuple[dict[int, int], dict[str, int]]:
     """Bytes of each transformer layer (with its audio injector) and of the non-block groups at the formats."""
-    from lowvram.checkpoint import build_meta_model
+    from lowvram.identify import build_meta_model
 
     model = build_meta_model(cfg)  # no init on meta tensors (a meta normal_ imports dynamo: ~1 s)
     per_layer = {i: 0 for i in range(cfg.num_layers)}
@@ -413,7 +413,7 @@ def model_source(model_dir) -> tuple[DiTConfig, dict | None, str | None]:
     """Config (and per-layer recipe and format, for a quantized folder) from headers/JSON only, after checking
     the files a run would read: a checkpoint as `lowvram inspect` does (missing or truncated shards, missing
     keys), a quantized folder's files against manifest.json (present, sizes, headers; no hashing)."""
-    from lowvram.checkpoint import inspect_checkpoint
+    from lowvram.inspection import inspect_checkpoint
 
     d = Path(model_dir)
     if (d / MANIFEST).exists():

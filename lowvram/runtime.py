@@ -104,7 +104,7 @@ def find_components(opts: RunOptions) -> Components:
         if not (d / "config.json").exists():
             raise CheckpointError(f"{d}: neither a quantized folder (manifest.json) nor a checkpoint (config.json); "
                                   f"pass the Wan2.2-S2V-14B folder or the output of `lowvram quantize`")
-        from lowvram.checkpoint import checkpoint_index
+        from lowvram.index import checkpoint_index
 
         cfg = DiTConfig.from_json(d / "config.json")
         for weights in (d, opts.lora) if opts.lora else (d,):

@@ -1,9 +1,12 @@
-"""The offline quantizer (`lowvram quantize`, `lowvram reshard`) and the loader of its output folders."""
+"""The offline quantizer (`lowvram quantize`, `lowvram reshard`); it writes the folders that `lowvram.quantized`
+(the runtime side, re-exported here) loads."""
 
-from .formats import LinearPlan, NaiveInt8Linear, analyze_linear, choose_keep_bf16, set_act_step
-from .loader import (
-    QuantStream, QuantizedSource, layer_state, load_quantized, load_quantized_stage, read_manifest, verify_folder,
-)
+from lowvram.kernels.linear import set_act_step
+from lowvram.manifest import read_manifest, verify_folder
+from lowvram.quantized import load_quantized, load_quantized_stage
+
+from .formats import LinearPlan, NaiveInt8Linear, analyze_linear, choose_keep_bf16
+from .loader import QuantStream, QuantizedSource, layer_state
 from .pipeline import QuantizeOptions, quantize_checkpoint
 from .reshard import reshard
 

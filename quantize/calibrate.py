@@ -25,13 +25,13 @@ from torch import nn
 
 from lowvram.checkpoint import LoraWeights, build_meta_model, load_state_dict_streaming
 from lowvram.host_memory import peak_rss_bytes
+from lowvram.kernels.linear import set_act_step
 from lowvram.model.cache import CondCache, LayerCond, StepKV
 from lowvram.model.config import DiTConfig
 from lowvram.model.dit import BlockInputs, LiveAvatarDiT
 from lowvram.model.sampler import (ShiftDraws, StreamInputs, TimeModulation, block_inputs, encode_block_audio,
                                    euler_step, prefill_inputs, token_grid)
 
-from .formats import set_act_step
 from .layout import layer_prefixes
 
 

@@ -113,15 +113,6 @@ def build_module(linear: nn.Linear, plan: LinearPlan) -> nn.Module:
     return mod
 
 
-def set_act_step(model: nn.Module, step: int | None) -> None:
-    """Select the static fp8 activation scale of denoising step `step` (num_steps = the prefill; None = the
-    max over steps) in every Linear that has per-step scales. Dynamic layers are untouched."""
-    for mod in model.modules():
-        scales = getattr(mod, "act_scales", None)
-        if isinstance(mod, K.Fp8Linear) and scales is not None:
-            mod.act_scale = scales.max() if step is None else scales[step]
-
-
 def _quant_out(mod: nn.Module, x: torch.Tensor, steps: torch.Tensor | None = None) -> torch.Tensor:
     """Output (no bias) of a quantized module on rows x; static fp8 uses each row's step scale."""
     if isinstance(mod, K.Fp8Linear) and getattr(mod, "act_scales", None) is not None and steps is not None:

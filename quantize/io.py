@@ -6,8 +6,7 @@ serialises `__metadata__` from a hash map whose order may change between process
 `<name>.tmp-<pid>` in the same folder, fsynced and renamed over the final name: a crash or Ctrl-C leaves either
 the previous file, the finished file, or a `.tmp-*` file that nothing ever reads as finished.
 
-`read_safetensors` reads a whole file once, checks its sha256 against an expected value, and returns fresh
-(aligned) tensors; a mismatch is a one-line CheckpointError that names the file.
+Reading them back (sha256-checked) is the runtime's job: `lowvram.quantized.read_safetensors`.
 """
 
 from __future__ import annotations
@@ -21,11 +20,9 @@ from pathlib import Path
 
 import torch
 
-from lowvram.checkpoint import DTYPE_NAMES, file_sha256, read_header  # noqa: F401 (re-exported)
-from lowvram.errors import CheckpointError
+from lowvram.headers import DTYPE_NAMES, read_header
 
 TMP_MARK = ".tmp-"
-NAME_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
@@ -106,46 +103,6 @@ def atomic_write_json(path: str | Path, obj) -> tuple[str, int]:
 
 def atomic_write_text(path: str | Path, text: str) -> tuple[str, int]:
     return atomic_write_bytes(path, [text.encode()])
-
-
-def read_safetensors(path: str | Path, expected_sha256: str | None = None, device: torch.device | str = "cpu",
-                     what: str = "quantized folder", fix: str = "re-run `lowvram quantize` to rebuild it"
-                     ) -> dict[str, torch.Tensor]:
-    """Read one file of ours: its bytes are hashed once, checked against `expected_sha256`, then parsed."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            data = bytearray(os.fstat(f.fileno()).st_size)
-            view, got = memoryview(data), 0
-            while got < len(data):
-                n = f.readinto(view[got:])
-                if not n:
-                    break
-                got += n
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing from the {what}; {fix}") from None
-    if expected_sha256 is not None:
-        got_sha = hashlib.sha256(data).hexdigest()
-        if got_sha != expected_sha256:
-            raise CheckpointError(f"{path}: sha256 {got_sha[:12]}... does not match manifest.json "
-                                  f"({expected_sha256[:12]}...): the file was changed or is corrupt; {fix}")
-    try:
-        (n,) = struct.unpack("<Q", bytes(data[:8]))
-        table = json.loads(bytes(data[8:8 + n]))
-        table.pop("__metadata__", None)
-        start = 8 + n
-        out = {}
-        for name, info in table.items():
-            b, e = info["data_offsets"]
-            dtype = NAME_DTYPES[info["dtype"]]
-            if e > b:
-                raw = torch.frombuffer(data, dtype=torch.uint8, count=e - b, offset=start + b).clone()
-            else:
-                raw = torch.empty(0, dtype=torch.uint8)
-            out[name] = raw.view(dtype).reshape(info["shape"]).to(device)
-        return out
-    except (ValueError, KeyError, TypeError, RuntimeError, struct.error) as err:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({type(err).__name__}); {fix}") from None
 
 
 def header_fingerprint(files: Iterable[str | Path]) -> dict:

@@ -23,9 +23,8 @@ import torch
 
 from lowvram.errors import InputError
 from lowvram.kernels.linear import INT4_GROUP
-from lowvram.manifest import NONBLOCK, block_file  # noqa: F401 (the folder's file names, re-exported)
 from lowvram.model.config import DiTConfig
-from lowvram.parallel.tensor import module_role as tp_role  # one definition of the TP split
+from lowvram.parallel.tensor import is_row_bias, module_role, shard_dim, tp_slice  # the one TP split rule
 from lowvram.plan import check_tp_size
 
 BLOCK_PREFIXES = ("blocks.", "audio_injector.")
@@ -69,73 +68,30 @@ def check_tp(cfg: DiTConfig, recipe: dict[str, str], tp_size: int) -> None:
     if tp_size == 1:
         return
     for name, fmt in recipe.items():
-        if fmt == "int4" and tp_role(name) == "row":
+        if fmt == "int4" and module_role(name) == "row":
             cols = (cfg.ffn_dim if name.endswith("ffn.2") else cfg.dim) // tp_size
             if cols % INT4_GROUP:
                 raise InputError(f"--tp {tp_size} with int4: {name} would get {cols} input columns per rank, not a "
                                  f"multiple of the {INT4_GROUP}-wide groups; use a smaller --tp")
 
 
-def _split_dim(module: str, tensor: str, fmt: str) -> int | None:
-    """Dimension along which `module.tensor` is split, None when replicated. 'bias@row' handled by the caller."""
-    role = tp_role(module)
-    if role == "norm":
-        return 0 if tensor == "weight" else None
-    if role == "column":
-        return 0 if tensor in ("weight", "weight_scale", "weight_offset", "bias") else None
-    if role == "row":
-        if tensor == "weight":
-            return 1
-        if tensor in ("weight_scale", "weight_offset"):
-            return 1 if fmt == "int4" else None
-        if tensor == "smooth":
-            return 0
-        return None
-    return None
-
-
-def split_state(state: dict[str, torch.Tensor], recipe: dict[str, str], tp_size: int) -> list[dict[str, torch.Tensor]]:
+def split_state(state: dict[str, torch.Tensor], tp_size: int) -> list[dict[str, torch.Tensor]]:
     """One layer's full state -> `tp_size` rank states (see the module docstring)."""
     if tp_size == 1:
         return [dict(state)]
-    out: list[dict[str, torch.Tensor]] = [{} for _ in range(tp_size)]
     for key, t in state.items():
-        module, _, tensor = key.rpartition(".")
-        fmt = recipe.get(module, "bf16")
-        if tp_role(module) == "row" and tensor == "bias":
-            for r in range(tp_size):
-                out[r][key] = t.clone() if r == 0 else torch.zeros_like(t)
-            continue
-        dim = _split_dim(module, tensor, fmt)
-        if dim is None:
-            for r in range(tp_size):
-                out[r][key] = t
-            continue
-        if t.shape[dim] % tp_size:
+        dim = shard_dim(key, t.ndim)
+        if dim is not None and t.shape[dim] % tp_size:
             raise InputError(f"{key}: dimension {dim} of {list(t.shape)} does not split {tp_size} ways")
-        for r, piece in enumerate(torch.chunk(t, tp_size, dim=dim)):
-            out[r][key] = piece.contiguous()
-    return out
+    return [{key: tp_slice(key, t, rank, tp_size).contiguous() for key, t in state.items()} for rank in range(tp_size)]
 
 
-def merge_states(states: list[dict[str, torch.Tensor]], recipe: dict[str, str]) -> dict[str, torch.Tensor]:
+def merge_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Inverse of `split_state` (exact)."""
     if len(states) == 1:
         return dict(states[0])
     merged = {}
     for key, t in states[0].items():
-        module, _, tensor = key.rpartition(".")
-        dim = None if (tp_role(module) == "row" and tensor == "bias") else _split_dim(module, tensor,
-                                                                                       recipe.get(module, "bf16"))
+        dim = None if is_row_bias(key) else shard_dim(key, t.ndim)
         merged[key] = t if dim is None else torch.cat([s[key] for s in states], dim=dim)
     return merged
-
-
-def local_shape(module: str, tensor: str, fmt: str, shape: tuple[int, ...], tp_size: int) -> tuple[int, ...]:
-    """Shape of one rank's piece of `module.tensor`."""
-    dim = None if (tp_role(module) == "row" and tensor == "bias") else _split_dim(module, tensor, fmt)
-    if dim is None or tp_size == 1:
-        return tuple(shape)
-    s = list(shape)
-    s[dim] //= tp_size
-    return tuple(s)

@@ -50,7 +50,7 @@ def check_tiny(device: str) -> float:
     import torch
 
     from lowvram.calibration import synthetic_samples
-    from lowvram.checkpoint import build_meta_model, checkpoint_index, load_state_dict_streaming, read_lora
+    from lowvram.checkpoint import LORA_NAME, build_meta_model, checkpoint_index, load_state_dict_streaming, read_lora
     from lowvram.model.config import tiny
     from lowvram.model.sampler import Conditioning, ShiftDraws, Stream
     from lowvram.quantize.calibrate import CheckpointSource, run_trajectory
@@ -59,7 +59,7 @@ def check_tiny(device: str) -> float:
     cfg = tiny()
     root = Path(tempfile.mkdtemp(prefix="qcheck-"))
     write_checkpoint(root, cfg, seed=0, shards=2, lora=True)
-    lora = root / "liveavatar.safetensors"
+    lora = root / LORA_NAME
     model = load_state_dict_streaming(root, build_meta_model(cfg), device=device, lora=lora).eval()
     samples = synthetic_samples(cfg, 2, seed=3, blocks=2)
     res = run_trajectory(CheckpointSource(checkpoint_index(root), cfg, read_lora(lora, cfg), device), samples)

@@ -30,21 +30,23 @@ import torch
 
 from lowvram.calibration.clips import MAKE_HINT
 from lowvram.calibration.samples import CalibSample, check_samples, load_calibration, samples_digest
-from lowvram.checkpoint import (
-    LORA_NAME, build_meta_model, check_keys, checkpoint_index, identify, read_config_json, read_lora,
-)
 from lowvram.errors import CheckpointError, DoesNotFitError, InputError
+from lowvram.identify import build_meta_model, check_keys, identify, read_config_json
+from lowvram.index import LORA_NAME, checkpoint_index
 from lowvram.kernels import linear as K
+from lowvram.lora import read_lora
+from lowvram.headers import file_sha256
+from lowvram.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST, NONBLOCK, block_file, verify_folder
 from lowvram.model.config import DiTConfig
 from lowvram.outputs import hold_lock, lock_path_for
 from lowvram.plan import available_ram
+from lowvram.quantized import read_safetensors
 
 from .calibrate import CheckpointSource, Observer, host_state_estimate, run_trajectory
 from .formats import DEFAULT_ALPHAS, QUANT_FORMATS, LinearPlan, analyze_linear, build_module, choose_keep_bf16, rel_err
-from .io import TMP_MARK, atomic_write_json, atomic_write_text, file_sha256, header_fingerprint, read_safetensors, \
-    write_safetensors
-from .layout import NONBLOCK, block_file, check_tp, input_group, split_state
-from .loader import FORMAT_NAME, FORMAT_VERSION, MANIFEST, QuantizedSource
+from .io import TMP_MARK, atomic_write_json, atomic_write_text, header_fingerprint, write_safetensors
+from .layout import check_tp, input_group, split_state
+from .loader import QuantizedSource
 from .stats import Recorder, quantizable_linears
 
 PROGRESS = "progress.json"
@@ -372,8 +374,6 @@ def _quantize_locked(opts: QuantizeOptions, encoders) -> dict:
     journal = _load_json(out / PROGRESS) if (out / PROGRESS).exists() else None
     if existing is not None:
         if existing.get("run_key") == run_key:
-            from .loader import verify_folder
-
             verify_folder(out)
             bar.log(f"{out}: already quantized with these settings (files verified)")
             return _load_json(out / REPORT_JSON) or {}
@@ -446,7 +446,7 @@ def _quantize_locked(opts: QuantizeOptions, encoders) -> dict:
             source.release(layer, lm)
             del lm
             names = []
-            for rank, part in enumerate(split_state(state, recipe, opts.tp)):
+            for rank, part in enumerate(split_state(state, opts.tp)):
                 name = block_file(layer, rank, opts.tp)
                 sha, size = write_safetensors(out / name, part, {"format": FORMAT_NAME, "layer": str(layer),
                                                                   "tp": f"{rank}/{opts.tp}"})

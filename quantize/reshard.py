@@ -12,12 +12,15 @@ import shutil
 from pathlib import Path
 
 from lowvram.errors import InputError
+from lowvram.manifest import FORMAT_NAME, MANIFEST, verify_folder
 from lowvram.model.config import DiTConfig
 from lowvram.outputs import hold_lock, lock_path_for
 
 from .io import TMP_MARK, atomic_write_json, write_safetensors
-from .layout import NONBLOCK, block_file, check_tp, split_state
-from .loader import FORMAT_NAME, MANIFEST, layer_state, verify_folder
+from lowvram.manifest import NONBLOCK, block_file
+
+from .layout import check_tp, split_state
+from .loader import layer_state
 
 
 def reshard(folder: str | Path, tp: int, out: str | Path | None = None, progress: bool = False) -> dict:
@@ -45,7 +48,7 @@ def _reshard_locked(folder: Path, tp: int, dest: Path) -> dict:
     files = {}
     for layer in range(cfg.num_layers):
         state = layer_state(folder, layer, manifest)
-        for rank, part in enumerate(split_state(state, manifest["recipe"], tp)):
+        for rank, part in enumerate(split_state(state, tp)):
             name = block_file(layer, rank, tp)
             sha, size = write_safetensors(dest / name, part, {"format": FORMAT_NAME, "layer": str(layer),
                                                                "tp": f"{rank}/{tp}"})

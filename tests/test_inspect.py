@@ -55,7 +55,7 @@ def test_inspect_tiny_json_through_the_console_script(ckpt):
     assert report["num_tensors"] == len(shapes)
     assert (report["missing"], report["unexpected"], report["mismatched"]) == ([], [], [])
     assert report["bytes"]["bf16"] == 2 * report["params"] == report["bytes"]["file"]
-    assert report["bytes"]["int4"] < report["bytes"]["int8"] == report["bytes"]["fp8"] < report["bytes"]["bf16"]
+    assert report["bytes"]["int4"] < report["bytes"]["fp8"] < report["bytes"]["int8"] < report["bytes"]["bf16"]
     assert len(report["files"]) == 2 and report["dtypes"] == {"bfloat16": len(shapes)}
     lora = report["lora"]
     assert (lora["rank"], lora["alpha"], lora["scale"]) == (4, 64.0, 16.0)

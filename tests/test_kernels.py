@@ -93,7 +93,7 @@ def test_fused_qkv_keeps_static_per_step_fp8_scales():
     """q, k, v read the same input, so the fused layer keeps one scale per step (their max), not three."""
     from lowvram.model.config import tiny
     from lowvram.model.dit import LiveAvatarDiT, fuse_qkv_
-    from lowvram.quantize.formats import set_act_step
+    from lowvram.kernels.linear import set_act_step
 
     torch.manual_seed(0)
     model = LiveAvatarDiT(tiny())

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from lowvram.errors import CheckpointError, InputError
+from lowvram.pth import read_state_dict
 
 T5_CHECKPOINT_NAME = "models_t5_umt5-xxl-enc-bf16.pth"
 TOKENIZER_SUBDIR = "google/umt5-xxl"
@@ -198,46 +199,8 @@ def convert_t5_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoint reading (shared with the VAE loader)
+# State-dict checks (shared with the VAE loader; reading is lowvram.pth.read_state_dict)
 # ---------------------------------------------------------------------------------------------
-
-
-def read_state_dict(path: str | Path, what: str, fix: str) -> dict[str, torch.Tensor]:
-    """Open a `.pth` state dict safely (`weights_only=True`, memory-mapped) or a `.safetensors` file.
-
-    `what` names the model in errors ("the umT5 text encoder"), `fix` is the remedy to print.
-    Any failure becomes one-line `CheckpointError`.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found ({what}); {fix}")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: file is empty ({what}); {fix}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                sd = {k: f.get_tensor(k) for k in f.keys()}
-        else:
-            from lowvram.checkpoint import torch_load_weights
-
-            sd = torch_load_weights(path)
-    except CheckpointError:
-        raise
-    except Exception as e:  # zipfile/pickle/EOF/unsupported-global errors all mean "not a readable state dict"
-        detail = " ".join(str(e).split())[:160]
-        raise CheckpointError(
-            f"{path}: cannot be read as a PyTorch state dict ({type(e).__name__}: {detail}) — the file is "
-            f"truncated or corrupt ({what}); {fix}"
-        ) from None
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not sd or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()
-    ):
-        raise CheckpointError(f"{path}: not a plain state dict of tensors ({what}); {fix}")
-    return sd
 
 
 def check_keys(path: Path, sd: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], what: str, fix: str):
@@ -729,6 +692,6 @@ def measure_t5_memory(checkpoint: str | Path, quantization: str | None = None, d
 
 __all__ = [
     "T5Config", "TextEncoder", "PromptCache", "clean_prompt", "tokenize", "load_tokenizer", "load_t5_encoder",
-    "build_umt5", "convert_t5_state_dict", "hf_keys", "read_state_dict", "check_keys", "file_fingerprint",
+    "build_umt5", "convert_t5_state_dict", "hf_keys", "check_keys", "file_fingerprint",
     "encoder_forward", "pad_context", "t5_memory_bytes", "measure_t5_memory", "default_cache_dir", "parse_dtype",
 ]

@@ -23,12 +23,13 @@ from pathlib import Path
 
 import torch
 
-from lowvram.conditioning.text import check_keys, read_state_dict
+from lowvram.conditioning.text import check_keys
 from lowvram.conditioning.vae_config import (
     BLOCKS_PER_CLIP, FIRST_DROP, LATENT_MEAN, LATENT_STD, MOTION_FRAMES, WARMUP_LATENTS, VAEConfig,
     convert_wan_vae_key, convert_wan_vae_state_dict, meta_skeleton, upstream_keys,
 )
 from lowvram.conditioning.vae_memory import vae_memory_bytes
+from lowvram.pth import read_state_dict
 from lowvram.errors import CheckpointError, InputError
 from lowvram.model.config import INFER_FRAMES
 

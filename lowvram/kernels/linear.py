@@ -243,6 +243,15 @@ def empty_quantized_(model: nn.Module, recipe: dict[str, str]) -> nn.Module:
     return model
 
 
+def set_act_step(model: nn.Module, step: int | None) -> None:
+    """Select the static fp8 activation scale of denoising step `step` (num_steps = the prefill; None = the
+    max over steps) in every Linear that has per-step scales. Dynamic layers are untouched."""
+    for mod in model.modules():
+        scales = getattr(mod, "act_scales", None)
+        if isinstance(mod, Fp8Linear) and scales is not None:
+            mod.act_scale = scales.max() if step is None else scales[step]
+
+
 def weight_bytes(out_f: int, in_f: int, fmt: str) -> int:
     """Bytes of one Linear weight (+ its scales) in a format; biases not included."""
     if fmt == "bf16":

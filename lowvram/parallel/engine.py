@@ -204,7 +204,7 @@ class StageRunner:
 
     def select_step(self, step: int) -> None:
         if self.per_step_scales:
-            from lowvram.quantize.formats import set_act_step
+            from lowvram.kernels.linear import set_act_step
 
             set_act_step(self.model, step)
 

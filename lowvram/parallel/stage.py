@@ -1,7 +1,8 @@
 """Build the model slice one rank runs: its pipeline stage's layers, its tensor-parallel shard, nothing else.
 
-From a bf16 checkpoint (+ LoRA) each tensor is read, merged, sliced to this rank and cast one at a time;
-from a quantized folder the rank opens only its own files. The full model is never materialised.
+From a bf16 checkpoint (+ LoRA) each tensor is read, merged, sliced to this rank and cast one at a time
+(`lowvram.loader`); from a quantized folder the rank opens only its own files (`lowvram.quantized`). The full
+model is never materialised.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from pathlib import Path
 
 import torch
 
+from lowvram.loader import load_state_dict_streaming
 from lowvram.model.config import DiTConfig
 from lowvram.model.dit import LiveAvatarDiT
 from lowvram.parallel.engine import Topology
-from lowvram.parallel.tensor import set_tp_group, tp_slice
+from lowvram.parallel.tensor import set_tp_group
 from lowvram.plan import layer_param_bytes, split_layers
 
 
@@ -30,23 +32,9 @@ def meta_stage(cfg: DiTConfig, topo: Topology, layers: list[int]) -> LiveAvatarD
 
 def build_stage_from_checkpoint(ckpt: str | Path, cfg: DiTConfig, topo: Topology, layers: list[int],
                                 device="cpu", dtype=torch.bfloat16, lora=None, lora_alpha=None) -> LiveAvatarDiT:
-    from lowvram.checkpoint import _assign, checkpoint_index, read_lora, read_tensor
-
-    model = meta_stage(cfg, topo, layers)
-    index = checkpoint_index(ckpt)
-    lora_w = read_lora(lora, cfg, alpha=lora_alpha) if lora else None
-    files: dict = {}
-    try:
-        for key, meta in model.state_dict(keep_vars=True).items():
-            w = read_tensor(index[key], files)
-            if lora_w is not None:
-                w = lora_w.merge(key, w, files)
-            w = tp_slice(key, w, topo.tp_rank, topo.tp)
-            if tuple(w.shape) != tuple(meta.shape):
-                raise ValueError(f"{key}: slice {tuple(w.shape)} != expected {tuple(meta.shape)}")
-            _assign(model, key, w.to(device=device, dtype=dtype if w.is_floating_point() else w.dtype).contiguous())
-    finally:
-        for f in files.values():
-            f.close()
+    """This rank's slice from a bf16 checkpoint: each full tensor read once, the LoRA (and its file's override
+    tensors) applied on the host, sliced to this TP rank, cast and moved — the quantizer's loader, per rank."""
+    model = load_state_dict_streaming(ckpt, meta_stage(cfg, topo, layers), dtype, device, lora=lora,
+                                      lora_alpha=lora_alpha, tp_rank=topo.tp_rank, tp=topo.tp, merge_device="cpu")
     set_tp_group(model, topo.tp_group)
     return model.eval()

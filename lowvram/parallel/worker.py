@@ -40,7 +40,7 @@ def load_stage(spec: WorkerSpec, topo, device):
     cfg = DiTConfig.from_dict(spec.cfg)
     layers = spec.stages[topo.stage]
     if spec.quantized:
-        from lowvram.quantize import load_quantized_stage
+        from lowvram.quantized import load_quantized_stage
 
         model = load_quantized_stage(spec.source, cfg, topo, layers, device=device)
     else:
