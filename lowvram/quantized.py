@@ -27,6 +27,7 @@ from lowvram.loader import assign_tensor
 from lowvram.manifest import MANIFEST, NONBLOCK, RERUN, block_file, check_tp_split, folder_tp, read_manifest
 from lowvram.model.config import DiTConfig
 from lowvram.model.dit import LiveAvatarDiT
+from lowvram.verified import is_verified, mark_verified
 
 
 def read_safetensors(path: str | Path, expected_sha256: str | None = None, device: torch.device | str = "cpu",
@@ -71,13 +72,17 @@ def read_safetensors(path: str | Path, expected_sha256: str | None = None, devic
 
 def read_listed(folder: Path, name: str, manifest: dict, device, verified: set | None = None
                 ) -> dict[str, torch.Tensor]:
-    """Read one listed file, checking its sha256 (only the first time when a `verified` set is kept)."""
+    """Read one listed file, checking its sha256 unless this process (`verified`) or an earlier run
+    (lowvram.verified: same path, size, mtime and inode) already did."""
     entry = manifest["files"].get(name)
     if entry is None:  # read_manifest checked the folder's own files are listed: this one is of another split
         raise CheckpointError(f"{folder / name}: not listed in {MANIFEST}, whose files are split for --tp "
                               f"{folder_tp(manifest)}; use `lowvram reshard` or {RERUN}")
-    check = verified is None or name not in verified
-    out = read_safetensors(folder / name, entry["sha256"] if check else None, device, fix=RERUN)
+    path, sha256 = folder / name, entry["sha256"]
+    check = (verified is None or name not in verified) and not is_verified(path, sha256)
+    out = read_safetensors(path, sha256 if check else None, device, fix=RERUN)
+    if check:
+        mark_verified(path, sha256)  # the next run (or rank) skips hashing it while the file is unchanged
     if verified is not None:
         verified.add(name)
     return out

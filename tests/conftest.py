@@ -7,6 +7,22 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def user_cache(tmp_path_factory):
+    """The prompt cache and the record of verified files go to a folder of this session, not the user's
+    ~/.cache (the CLI runs in subprocesses inherit it)."""
+    import os
+
+    folder = tmp_path_factory.mktemp("user-cache")
+    old = os.environ.get("LOWVRAM_CACHE_DIR")
+    os.environ["LOWVRAM_CACHE_DIR"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("LOWVRAM_CACHE_DIR", None)
+    else:
+        os.environ["LOWVRAM_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     """The demo's tiny Wan2.2-S2V-shaped folder (DiT shards, LoRA, umT5, VAE, wav2vec2) with a face and a speech

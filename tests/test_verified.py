@@ -48,3 +48,27 @@ def test_a_cache_that_cannot_be_written_is_no_error(tmp_path, monkeypatch):
     f.write_bytes(b"1")
     verified.mark_verified(f, "aa")
     assert not verified.is_verified(f, "aa")
+
+
+def test_a_quantized_file_is_hashed_once_then_again_when_it_changes(cache, tmp_path, monkeypatch):
+    import hashlib
+
+    import torch
+    from safetensors.torch import save_file
+
+    from lowvram import quantized
+    from lowvram.errors import CheckpointError
+
+    path = tmp_path / "block_000.safetensors"
+    save_file({"w": torch.arange(6, dtype=torch.float32)}, str(path))
+    manifest = {"files": {path.name: {"sha256": hashlib.sha256(path.read_bytes()).hexdigest()}}}
+    hashed = []
+    real = hashlib.sha256
+    monkeypatch.setattr(quantized.hashlib, "sha256", lambda data=b"": hashed.append(len(data)) or real(data))
+    first = quantized.read_listed(tmp_path, path.name, manifest, "cpu")
+    second = quantized.read_listed(tmp_path, path.name, manifest, "cpu")  # another run: the record says intact
+    assert torch.equal(first["w"], second["w"]) and len(hashed) == 1
+    save_file({"w": torch.arange(6, dtype=torch.float32) + 1}, str(path))  # changed behind the manifest's back
+    with pytest.raises(CheckpointError, match="does not match manifest.json"):
+        quantized.read_listed(tmp_path, path.name, manifest, "cpu")
+    assert len(hashed) == 2
