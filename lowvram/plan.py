@@ -274,14 +274,14 @@ def vae_decode_bytes(shape: RunShape) -> int:
 
 def t5_on_gpu(capacity: float, quantization: str | None = None) -> bool:
     """umT5-XXL runs on the GPU when its peak (bf16: 10.8 GiB) fits the card next to a CUDA context."""
-    from lowvram.conditioning.text import t5_memory_bytes
+    from lowvram.conditioning.t5_memory import t5_memory_bytes
 
     return (t5_memory_bytes(quantization=quantization)["peak"] + CUDA_CONTEXT) * FRAGMENTATION <= capacity
 
 
 def conditioning_memory(shape: RunShape, capacity: float, t5_quantization: str | None = None) -> dict:
     """GPU 0 before the DiT loads: umT5 (where it fits), then the VAE encode, one at a time, each freed."""
-    from lowvram.conditioning.text import t5_memory_bytes
+    from lowvram.conditioning.t5_memory import t5_memory_bytes
     from lowvram.conditioning.vae import runtime_dtype, vae_memory_bytes
 
     t5 = int(t5_memory_bytes(quantization=t5_quantization)["peak"])

@@ -61,7 +61,7 @@ def test_vae_and_umt5_budgets_are_the_loaders_figures():
     encode; a launcher process (multi-GPU layouts) adds its CUDA context next to the decoder."""
     import torch
 
-    from lowvram.conditioning.text import t5_memory_bytes
+    from lowvram.conditioning.t5_memory import t5_memory_bytes
     from lowvram.conditioning.vae import runtime_dtype, vae_memory_bytes
     from lowvram.plan import CUDA_CONTEXT, FRAGMENTATION, conditioning_memory
 

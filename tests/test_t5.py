@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 from fixtures import reference_dir
 from lowvram.conditioning.text import (
     EOS_ID, PAD_ID, T5Config, TextEncoder, clean_prompt, convert_t5_state_dict, encoder_forward, hf_keys,
-    load_t5_encoder, pad_context, t5_memory_bytes,
+    load_t5_encoder, pad_context,
 )
+from lowvram.conditioning.t5_memory import t5_memory_bytes
 from lowvram.errors import CheckpointError, InputError
 
 TOL = 1e-5  # tiny_t5/README.md: suggested acceptance max-abs <= 1e-5 on `context`

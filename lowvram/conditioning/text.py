@@ -22,9 +22,7 @@ from __future__ import annotations
 import hashlib
 import html
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from typing import Any
 import torch
 
 from lowvram.errors import CheckpointError, InputError
+from lowvram.conditioning.prompt_cache import PromptCache, default_cache_dir
 from lowvram.pth import read_state_dict
 
 T5_CHECKPOINT_NAME = "models_t5_umt5-xxl-enc-bf16.pth"
@@ -423,63 +422,6 @@ def encoder_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------
-# Prompt cache
-# ---------------------------------------------------------------------------------------------
-
-
-def default_cache_dir() -> Path:
-    env = os.environ.get("LOWVRAM_CACHE_DIR")
-    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lowvram"
-    return base / "t5_prompts"
-
-
-class PromptCache:
-    """Encoded prompts on disk, one safetensors file per (encoder fingerprint, settings, token ids)."""
-
-    def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
-        self.hits = 0
-        self.misses = 0
-
-    @staticmethod
-    def key(fingerprint: str, settings: str, input_ids: torch.Tensor, length: int) -> str:
-        h = hashlib.sha256()
-        h.update(f"{fingerprint}|{settings}|{length}|".encode())
-        h.update(input_ids.reshape(-1)[:length].to(torch.int64).numpy().tobytes())
-        return h.hexdigest()
-
-    def path(self, key: str) -> Path:
-        return self.directory / f"{key}.safetensors"
-
-    def get(self, key: str) -> torch.Tensor | None:
-        p = self.path(key)
-        if not p.is_file():
-            self.misses += 1
-            return None
-        from safetensors.torch import load_file
-
-        try:
-            t = load_file(str(p))["context"]
-        except Exception:  # a damaged cache entry is just a miss; it is rewritten
-            self.misses += 1
-            return None
-        self.hits += 1
-        return t
-
-    def put(self, key: str, context: torch.Tensor, meta: dict[str, str]):
-        from safetensors.torch import save_file
-
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-            os.close(fd)
-            save_file({"context": context.detach().to("cpu").contiguous()}, tmp, metadata=meta)
-            os.replace(tmp, self.path(key))
-        except OSError:  # a read-only cache folder must not break generation
-            pass
-
-
-# ---------------------------------------------------------------------------------------------
 # The encoder as the pipeline uses it
 # ---------------------------------------------------------------------------------------------
 
@@ -606,92 +548,8 @@ def pad_context(context: torch.Tensor, text_len: int = 512) -> torch.Tensor:
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Memory
-# ---------------------------------------------------------------------------------------------
-
-
-def t5_memory_bytes(config: T5Config | None = None, quantization: str | None = None,
-                    dtype: torch.dtype = torch.bfloat16, text_len: int | None = None,
-                    embed_on_device: bool = True) -> dict[str, int]:
-    """Computed (not measured) device memory of the encoder: weights and the peak activation working set.
-
-    int8 = bitsandbytes LLM.int8 (int8 weight + one fp32 scale per output row); nf4 = 4-bit blocks of 64
-    with double-quantized absmax (one byte per block of 64, plus an fp32 per 256 blocks).
-    Embedding, norms and relative-position tables stay in `dtype`.
-    """
-    c = config or T5Config.xxl()
-    T = text_len or c.text_len
-    b = torch.empty((), dtype=dtype).element_size()
-    d, a, f, L = c.dim, c.dim_attn, c.dim_ffn, c.num_layers
-    linear = L * (4 * a * d + 3 * f * d)
-    rows = L * (3 * a + d + 2 * f + d)
-    small = c.vocab_size * d + (2 * L + 1) * d + L * c.num_buckets * c.num_heads
-    if quantization is None:
-        lin_bytes = linear * b
-    elif quantization == "int8":
-        lin_bytes = linear + rows * 4
-    elif quantization == "nf4":
-        lin_bytes = linear // 2 + linear // 64 + (linear // 64 // 256) * 4
-    else:
-        raise InputError(f"unknown text-encoder quantization {quantization!r}; use one of: none, int8, nf4")
-    emb_bytes = c.vocab_size * d * b
-    weights = lin_bytes + (small * b if embed_on_device else (small - c.vocab_size * d) * b)
-    # Activations of one layer (batch 1): residual + normed + q,k,v + attention scores/probs (eager, fp32
-    # softmax) + position bias + FFN hidden (wi_0, gelu, wi_1, product).
-    heads = c.num_heads
-    act = (
-        3 * T * d * b            # residual stream, norm output, attention output
-        + 3 * T * a * b          # q, k, v
-        + 3 * heads * T * T * 4  # scores, bias+mask, softmax (fp32)
-        + 4 * T * f * b          # FFN: wi_0, gelu, wi_1, product
-    )
-    return {"weights": weights, "embedding": emb_bytes if embed_on_device else 0, "activations": act,
-            "peak": weights + act}
-
-
-def measure_t5_memory(checkpoint: str | Path, quantization: str | None = None, device: str = "cuda",
-                      dtype: torch.dtype = torch.bfloat16, text_len: int = 512, seed: int = 0) -> dict[str, float]:
-    """Measured (CUDA): load `checkpoint` through the real path, encode one full-length prompt (no padding,
-    the worst case), and report bytes from torch's allocator plus the process's peak host RSS.
-
-    H100, torch 2.11, transformers 5.17, bitsandbytes 0.50.2, a random-valued real-layout XXL .pth (GiB):
-    bf16 weights 10.58 / peak 10.73; int8 6.27 / 6.45; nf4 4.18 / 4.38; host peak RSS 11.5 in all three
-    (the memory-mapped file). `t5_memory_bytes` computes the same weights to within 0.003 GiB.
-    """
-    import resource
-    import time
-
-    dev = torch.device(device)
-    torch.cuda.synchronize(dev)
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated(dev)
-    torch.cuda.reset_peak_memory_stats(dev)
-    t0 = time.perf_counter()
-    model = load_t5_encoder(checkpoint, None, dtype=dtype, device=dev, quantization=quantization)
-    torch.cuda.synchronize(dev)
-    load_s = time.perf_counter() - t0
-    weights = torch.cuda.memory_allocated(dev) - base
-    load_peak = torch.cuda.max_memory_allocated(dev) - base
-    vocab = model.config.vocab_size
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (1, text_len), generator=g)
-    ids[0, -1] = EOS_ID
-    mask = torch.ones_like(ids)
-    torch.cuda.reset_peak_memory_stats(dev)
-    t0 = time.perf_counter()
-    out = encoder_forward(model, ids, mask)
-    torch.cuda.synchronize(dev)
-    fwd_s = time.perf_counter() - t0
-    fwd_peak = torch.cuda.max_memory_allocated(dev) - base
-    return {"weights": weights, "load_peak": load_peak, "forward_peak": fwd_peak,
-            "peak": max(load_peak, fwd_peak), "reserved_peak": torch.cuda.max_memory_reserved(dev),
-            "host_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "load_s": load_s, "forward_s": fwd_s, "finite": bool(torch.isfinite(out.float()).all())}
-
-
 __all__ = [
-    "T5Config", "TextEncoder", "PromptCache", "clean_prompt", "tokenize", "load_tokenizer", "load_t5_encoder",
+    "T5Config", "TextEncoder", "clean_prompt", "tokenize", "load_tokenizer", "load_t5_encoder",
     "build_umt5", "convert_t5_state_dict", "hf_keys", "check_keys", "file_fingerprint",
-    "encoder_forward", "pad_context", "t5_memory_bytes", "measure_t5_memory", "default_cache_dir", "parse_dtype",
+    "encoder_forward", "pad_context", "parse_dtype",
 ]
