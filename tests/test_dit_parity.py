@@ -171,11 +171,11 @@ def test_upstream_float32_regions_run_in_float32_with_bf16_weights():
 
 
 def test_upcast_in_slices_equals_one_upcast(monkeypatch):
-    from lowvram.model import dit
+    from lowvram.model import fp32
 
     g = torch.Generator().manual_seed(1)
     x, w, b = torch.randn(5, 64, generator=g), torch.randn(96, 64, generator=g).bfloat16(), torch.randn(96).bfloat16()
     whole = torch.nn.functional.linear(x, w.float(), b.float())
-    monkeypatch.setattr(dit, "UPCAST_BYTES", 7 * 64 * 4)  # 7 rows at a time: 14 slices, the last one short
-    assert torch.allclose(dit.linear_like_input(x, w, b), whole, rtol=1e-5, atol=1e-5)  # float32 rounding only
-    assert dit.linear_like_input(x.bfloat16(), w, b).dtype == torch.bfloat16  # a bf16 input stays a bf16 GEMM
+    monkeypatch.setattr(fp32, "UPCAST_BYTES", 7 * 64 * 4)  # 7 rows at a time: 14 slices, the last one short
+    assert torch.allclose(fp32.linear_like_input(x, w, b), whole, rtol=1e-5, atol=1e-5)  # float32 rounding only
+    assert fp32.linear_like_input(x.bfloat16(), w, b).dtype == torch.bfloat16  # a bf16 input stays a bf16 GEMM

@@ -133,7 +133,7 @@ def test_patch_embedding_as_one_gemm_equals_the_conv():
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_causal_conv1d_as_one_gemm_equals_the_conv(stride):
-    from lowvram.model.dit import CausalConv1d
+    from lowvram.model.audio_encoder import CausalConv1d
 
     torch.manual_seed(0)
     conv = CausalConv1d(24, 40, stride=stride)
