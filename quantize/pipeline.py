@@ -18,8 +18,6 @@ are byte-identical to an uninterrupted run's.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import time
@@ -35,24 +33,21 @@ from lowvram.identify import build_meta_model, check_keys, identify, read_config
 from lowvram.index import LORA_NAME, checkpoint_index
 from lowvram.kernels import linear as K
 from lowvram.lora import read_lora
-from lowvram.headers import file_sha256
 from lowvram.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST, NONBLOCK, block_file, verify_folder
 from lowvram.model.config import DiTConfig
 from lowvram.outputs import hold_lock, lock_path_for
 from lowvram.plan import available_ram
-from lowvram.quantized import read_safetensors
 
 from .calibrate import CheckpointSource, Observer, host_state_estimate, run_trajectory
-from .formats import DEFAULT_ALPHAS, QUANT_FORMATS, LinearPlan, analyze_linear, build_module, choose_keep_bf16, rel_err
-from .io import TMP_MARK, atomic_write_json, atomic_write_text, header_fingerprint, write_safetensors
+from .formats import DEFAULT_ALPHAS, QUANT_FORMATS, LinearPlan, analyze_linear, build_module, choose_keep_bf16
+from .io import atomic_write_json, atomic_write_text, header_fingerprint, write_safetensors
+from .journal import (PROGRESS, REPORT_JSON, REPORT_MD, WORK, _clean, _file_ok, _journal, _layer_done,
+                      _load_calibration, _load_json, _ours, _run_key, _save_calibration)
 from .layout import check_tp, input_group, split_state
+from .report import _end_to_end, _report, _report_md
 from .loader import QuantizedSource
 from .stats import Recorder, quantizable_linears
 
-PROGRESS = "progress.json"
-WORK = ".work"
-REPORT_JSON = "quant_report.json"
-REPORT_MD = "quant_report.md"
 GPU_CAP_ENV = "LOWVRAM_GPU_CAP_GIB"  # emulate a smaller card while quantizing (run: --gpus 1x24 does that)
 # test hook, "LAYER" or "LAYER:SIGNAL": after this layer's files are written, hard exit 75 or send SIGNAL to itself
 EXIT_AFTER_ENV = "LOWVRAM_QUANTIZE_EXIT_AFTER_BLOCK"
@@ -179,95 +174,6 @@ class _CalibObserver(Observer):
             groups.add(group)
         for g in groups:
             g.free_rows()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Out folder bookkeeping
-
-
-def _ours(name: str) -> bool:
-    return (name in (MANIFEST, PROGRESS, REPORT_JSON, REPORT_MD, NONBLOCK, WORK) or TMP_MARK in name
-            or (name.startswith("block_") and name.endswith(".safetensors")))
-
-
-def _clean(out: Path, everything: bool) -> None:
-    """Remove temp files (always) or all of our files (`everything`, i.e. --force)."""
-    for p in sorted(out.iterdir()) if out.is_dir() else []:
-        if TMP_MARK in p.name or (everything and _ours(p.name)):
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-    work = out / WORK
-    if work.is_dir():
-        for p in work.iterdir():
-            if TMP_MARK in p.name:
-                p.unlink()
-
-
-def _load_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _run_key(opts: QuantizeOptions, calib_digest: str, ckpt_fp: dict, lora_fp: dict | None, lora_alpha) -> str:
-    settings = {"version": FORMAT_VERSION, "format": opts.fmt, "act": opts.act, "keep_bf16": opts.keep_bf16,
-                "bf16_budget_mb": opts.bf16_budget_mb, "tp": opts.tp, "rows": opts.rows, "holdout": opts.holdout,
-                "alphas": list(opts.alphas), "smoothquant": opts.smoothquant, "seed": opts.seed,
-                "evaluate": opts.evaluate, "calibration": calib_digest, "checkpoint": ckpt_fp["sha256"],
-                "lora": lora_fp["sha256"] if lora_fp else None, "lora_alpha": lora_alpha}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-
-
-def _journal(out: Path, journal: dict) -> None:
-    atomic_write_json(out / PROGRESS, journal)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Calibration results on disk (resume)
-
-
-def _plan_from(name: str, d: dict, tensors: dict) -> LinearPlan:
-    p = LinearPlan(name, d["format"], d["in_features"], d["out_features"], act=d.get("act") or "dynamic",
-                   alpha=d.get("alpha"), err=d["err"], err_train=d["err_train"], alpha_errs=d.get("alpha_errs", {}),
-                   naive_err=d.get("naive_err"), eval_rows=d.get("eval_rows", 0), eval_on=d.get("eval_on", ""),
-                   outlier_ratio=d.get("outlier_ratio", 0.0), note=d.get("note", ""))
-    p.smooth = tensors.get(f"smooth.{name}")
-    p.act_scales = tensors.get(f"act_scales.{name}")
-    return p
-
-
-def _save_calibration(work: Path, plans: dict[str, LinearPlan], refs: dict, info: dict) -> dict:
-    work.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for name, p in plans.items():
-        if p.smooth is not None:
-            tensors[f"smooth.{name}"] = p.smooth.float().cpu()
-        if p.act_scales is not None:
-            tensors[f"act_scales.{name}"] = p.act_scales.float().cpu()
-    for i, (vel, fin) in refs.items():
-        tensors[f"ref.velocities.{i}"] = torch.stack(vel)
-        tensors[f"ref.final.{i}"] = fin
-    sha_t, _ = write_safetensors(work / "calib.safetensors", tensors, {"format": "lowvram-calibration"})
-    doc = {"plans": {n: p.to_json() for n, p in sorted(plans.items())}, "info": info}
-    sha_j, _ = atomic_write_json(work / "calib.json", doc)
-    return {"tensors_sha256": sha_t, "json_sha256": sha_j}
-
-
-def _load_calibration(work: Path, journal_entry: dict):
-    try:
-        if file_sha256(work / "calib.json") != journal_entry["json_sha256"]:
-            return None
-        tensors = read_safetensors(work / "calib.safetensors", journal_entry["tensors_sha256"])
-        doc = json.loads((work / "calib.json").read_text())
-    except (OSError, ValueError, KeyError, CheckpointError):
-        return None
-    plans = {n: _plan_from(n, d, tensors) for n, d in doc["plans"].items()}
-    refs = {}
-    for key, t in tensors.items():
-        if key.startswith("ref.final."):
-            i = int(key.rsplit(".", 1)[1])
-            refs[i] = (list(tensors[f"ref.velocities.{i}"].unbind(0)), t)
-    return plans, refs, doc["info"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -505,16 +411,6 @@ def _test_exit(hook: str) -> None:
     time.sleep(1.0)  # a Python-level handler (SIGINT's) runs here
 
 
-def _file_ok(out: Path, journal: dict, name: str) -> bool:
-    entry = journal["files"].get(name)
-    return entry is not None and (out / name).is_file() and file_sha256(out / name) == entry["sha256"]
-
-
-def _layer_done(out: Path, journal: dict, layer: int, tp: int) -> bool:
-    return layer in journal.get("layers", []) and all(_file_ok(out, journal, block_file(layer, r, tp))
-                                                      for r in range(tp))
-
-
 def _quantized_state(module, plans: dict[str, LinearPlan]) -> dict[str, torch.Tensor]:
     """A layer module (bf16, LoRA merged) -> its tensors in the recipe's formats (CPU)."""
     state = {k: v.detach() for k, v in module.state_dict().items()}
@@ -568,89 +464,3 @@ def _manifest(opts, cfg: DiTConfig, recipe, plans, keep, keep_info, journal, run
         "run_key": run_key,
         "files": files,
     }
-
-
-def _end_to_end(cfg: DiTConfig, eval_ids, refs, qt, heldout: bool) -> dict:
-    steps = cfg.num_steps
-    per_sample = []
-    step_errs = [[] for _ in range(steps)]
-    for j, i in enumerate(eval_ids):
-        ref_v, ref_f = refs[i]
-        q_v, q_f = qt.velocities[j], qt.finals[j]
-        for k, (a, b) in enumerate(zip(q_v, ref_v)):
-            step_errs[k % steps].append(rel_err(a, b))
-        per_sample.append({"sample": i, "final_rel_err": rel_err(q_f, ref_f),
-                           "final_max_abs_err": float((q_f - ref_f).abs().max()),
-                           "velocity_rel_err_max": max(rel_err(a, b) for a, b in zip(q_v, ref_v))})
-    finals = [s["final_rel_err"] for s in per_sample]
-    return {"on": "held-out samples" if heldout else "calibration samples (no held-out sample)",
-            "samples": per_sample, "final_rel_err_mean": sum(finals) / len(finals), "final_rel_err_max": max(finals),
-            "velocity_rel_err_per_step": [sum(e) / len(e) for e in step_errs],
-            "metric": "||x_q - x_bf16|| / ||x_bf16|| of the 4-step denoised latents (all blocks), same noise/shifts",
-            "bytes_read": qt.bytes_read, "seconds": round(qt.seconds, 3), "load_seconds": round(qt.load_seconds, 3)}
-
-
-def _report(opts, cfg, manifest, plans, keep_info, calib_run, e2e, index, quant_bytes_read, seconds, resumed) -> dict:
-    files_bytes = sum(f["bytes"] for f in manifest["files"].values())
-    layers = {}
-    for name in sorted(plans):
-        p = plans[name]
-        d = p.to_json()
-        d["format"] = manifest["recipe"][name]
-        if d["format"] == "bf16":
-            d["err_if_quantized"], d["err"] = d["err"], 0.0
-        d["bytes"] = K.weight_bytes(p.out_features, p.in_features, d["format"])
-        layers[name] = d
-    errs = [d["err"] for d in layers.values() if d["format"] != "bf16"]
-    int8 = [d for d in layers.values() if d.get("naive_err") is not None and d["format"] == "int8"]
-    return {
-        "format": opts.fmt, "act": opts.act, "model": cfg.name, "tp": opts.tp,
-        "keep_bf16": manifest["keep_bf16"],
-        "sizes": {"checkpoint_bytes": sum(e.nbytes for e in index.values()), "quantized_folder_bytes": files_bytes},
-        "calibration": {**manifest["calibration"], "run": calib_run},
-        "quantization_pass_bytes_read": quant_bytes_read,
-        "per_layer": {"metric": "||x Wq^T - x W^T|| / ||x W^T|| on recorded input rows (held-out when available)",
-                      "mean_err": sum(errs) / max(1, len(errs)), "max_err": max(errs, default=0.0),
-                      "int8_naive_per_tensor_mean_err": (sum(d["naive_err"] for d in int8) / len(int8)) if int8 else None,
-                      "layers": layers},
-        "end_to_end": e2e,
-        "seconds": round(seconds, 3), "resumed": resumed,
-    }
-
-
-def _gb(n) -> str:
-    return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
-
-
-def _report_md(r: dict) -> str:
-    c = r["calibration"]
-    run = c["run"]
-    lines = [f"# Quantization report: {r['model']} → {r['format']}" + (f" (act {r['act']})" if r["format"] == "fp8" else ""),
-             "",
-             f"- checkpoint {_gb(r['sizes']['checkpoint_bytes'])} → quantized folder {_gb(r['sizes']['quantized_folder_bytes'])}"
-             f" (tp {r['tp']})",
-             f"- calibration: {c['samples'] - c['heldout']} samples + {c['heldout']} held out, {c['rows_per_layer']} rows "
-             f"per layer, digest `{c['digest'][:16]}`",
-             f"- calibration run: {run['passes']} passes, {run['layer_loads']} layer loads, {_gb(run['bytes_read'])} read "
-             f"from disk, {run['seconds']:.1f} s on {run['device']}, peak RSS {_gb(run['peak_rss_bytes'])}"
-             + (f", peak VRAM {_gb(run['peak_vram_bytes'])}" if run.get("peak_vram_bytes") else "")
-             + f", host state (KV + cond caches) {_gb(run['host_state_bytes'])}",
-             f"- kept in bf16 beyond the defaults: {len(r['keep_bf16']['layers'])} layers ({r['keep_bf16']['mode']})",
-             ""]
-    e = r.get("end_to_end")
-    if e:
-        lines += ["## End-to-end error vs bf16", "", f"On {e['on']}: {e['metric']}.", "",
-                  f"- final latents: mean {e['final_rel_err_mean']:.4f}, max {e['final_rel_err_max']:.4f}",
-                  "- velocity per step: " + ", ".join(f"step {i}: {v:.4f}" for i, v in
-                                                      enumerate(e["velocity_rel_err_per_step"])), ""]
-    pl = r["per_layer"]
-    lines += ["## Per-layer error", "", f"Metric: {pl['metric']}. Mean {pl['mean_err']:.4f}, max {pl['max_err']:.4f}."
-              + (f" Naive per-tensor int8 on the same rows: mean {pl['int8_naive_per_tensor_mean_err']:.4f}."
-                 if pl.get("int8_naive_per_tensor_mean_err") is not None else ""), "",
-              "| layer | format | alpha | error | naive int8 | outlier ratio | bytes |", "|---|---|---|---|---|---|---|"]
-    for name, d in sorted(pl["layers"].items(), key=lambda kv: -kv[1]["err"]):
-        alpha = "" if d["format"] != "int8" else ("none" if d["alpha"] is None else f"{d['alpha']:g}")
-        naive = "" if d.get("naive_err") is None else f"{d['naive_err']:.4f}"
-        lines.append(f"| {name} | {d['format']} | {alpha} | {d['err']:.4f} | {naive} | {d['outlier_ratio']:.1f} | "
-                     f"{d['bytes']:,} |")
-    return "\n".join(lines) + "\n"
