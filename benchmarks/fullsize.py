@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from lowvram.kernels.linear import FP8, quantize_
 from lowvram.model.config import s2v_14b
 from lowvram.model.dit import LiveAvatarDiT, compile_model, fuse_qkv_
-from lowvram.model.sampler import Conditioning, Stream
+from lowvram.model.sampler import StreamInputs, Stream
 
 PROFILE = False
 CUDA_GRAPH = False
@@ -83,7 +83,7 @@ def build_model(cfg, fmt: str):
 def conditioning(cfg):
     g = torch.Generator("cuda").manual_seed(1)
     h, w = LAT_HW
-    return Conditioning(
+    return StreamInputs(
         context=torch.randn(120, cfg.text_dim, device="cuda", generator=g) * 0.1,
         ref_latents=torch.randn(1, 16, 1, h, w, device="cuda", generator=g),
         motion_latents=torch.randn(1, 16, cfg.motion_latent_frames, h, w, device="cuda", generator=g),

@@ -29,7 +29,8 @@ from benchmarks.fullsize import LAT_HW, block_inputs, build_model, calibrate_sta
 from lowvram.model.config import s2v_14b
 from lowvram.model.dit import compile_model
 from lowvram.model.sampler import Stream
-from lowvram.parallel.engine import StageRunner, StreamInputs, Topology
+from lowvram.model.sampler import StreamInputs
+from lowvram.parallel.engine import StageRunner, Topology
 from lowvram.plan import GiB, RunShape, plan_layouts
 
 VIDEO_FRAMES_PER_BLOCK = 12  # 3 latent frames, 4 video frames each

@@ -2,12 +2,12 @@
 
 from .clips import Clip, ClipSet, load_clip_set, make_clip_set
 from .samples import (
-    CalibrationSet, CalibSample, Encoders, RealEncoders, check_samples, load_calibration, load_samples,
+    CalibrationSet, Encoders, RealEncoders, check_samples, load_calibration, load_samples,
     samples_digest, samples_from_clips, save_samples, synthetic_samples,
 )
 
 __all__ = [
-    "CalibSample", "CalibrationSet", "Clip", "ClipSet", "Encoders", "RealEncoders", "check_samples",
+    "CalibrationSet", "Clip", "ClipSet", "Encoders", "RealEncoders", "check_samples",
     "load_calibration", "load_clip_set", "load_samples", "make_clip_set", "samples_digest", "samples_from_clips",
     "save_samples", "synthetic_samples",
 ]

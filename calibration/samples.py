@@ -1,7 +1,6 @@
 """Calibration samples: the DiT's real inputs for a few streamed blocks of each clip.
 
-A calibration sample is the sampler's one input type (`lowvram.model.sampler.StreamInputs`, named `CalibSample`
-here) with its initial noise and pose latents given: the T5 context, the reference and motion latents (prefill),
+A calibration sample is the sampler's one input type (`lowvram.model.sampler.StreamInputs`) with its initial noise and pose latents given: the T5 context, the reference and motion latents (prefill),
 the wav2vec2 features, noise and pose latents of its blocks, plus the seed of the per-forward reference-shift
 draws. The quantizer runs the real 4-step trajectory from these. On disk each block is stored on its own
 (`b{b}.noise`, `b{b}.audio_input`, `b{b}.cond_states`).
@@ -19,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -37,19 +36,18 @@ ENCODED_DIR = ".encoded"
 DEFAULT_SIZE = "704*384"
 
 
-CalibSample = StreamInputs  # one calibration stream (with `noise` and `pose` given)
 
 
 def make_sample(context: torch.Tensor, ref_latents: torch.Tensor, motion_latents: torch.Tensor,
                 blocks: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], shift_seed: int = 0,
-                shifts: list[int] | None = None, name: str = "") -> CalibSample:
+                shifts: list[int] | None = None, name: str = "") -> StreamInputs:
     """A sample from its blocks' (noise [16, F, h, w], audio_input [1, A, D, 4F], cond_states [1, 16, F, h, w])."""
     noise, audio, pose = (torch.cat(parts, dim=d) for parts, d in zip(zip(*blocks), (1, -1, -3)))
     return StreamInputs(context, ref_latents, motion_latents, audio=audio, num_blocks=len(blocks), seed=shift_seed,
                         noise=noise, pose=pose, shifts=shifts, name=name)
 
 
-def sample_tensors(s: CalibSample, prefix: str = "") -> dict[str, torch.Tensor]:
+def sample_tensors(s: StreamInputs, prefix: str = "") -> dict[str, torch.Tensor]:
     out = {f"{prefix}context": s.context, f"{prefix}ref_latents": s.ref_latents,
            f"{prefix}motion_latents": s.motion_latents}
     for b, (noise, audio, cond) in enumerate(s.blocks):
@@ -59,7 +57,7 @@ def sample_tensors(s: CalibSample, prefix: str = "") -> dict[str, torch.Tensor]:
     return out
 
 
-def samples_digest(samples: Sequence[CalibSample]) -> str:
+def samples_digest(samples: Sequence[StreamInputs]) -> str:
     """sha256 over every tensor (name, dtype, shape, bytes) and the shift seeds/scripts, in a fixed order."""
     h = hashlib.sha256()
     for i, s in enumerate(samples):
@@ -71,7 +69,7 @@ def samples_digest(samples: Sequence[CalibSample]) -> str:
     return h.hexdigest()
 
 
-def check_samples(samples: Sequence[CalibSample], cfg: DiTConfig, where: str = "calibration set") -> None:
+def check_samples(samples: Sequence[StreamInputs], cfg: DiTConfig, where: str = "calibration set") -> None:
     """Every sample has the shapes the model at `cfg` takes; else one InputError line."""
     if not samples:
         raise InputError(f"{where}: no calibration samples; {MAKE_HINT}")
@@ -113,7 +111,7 @@ def check_samples(samples: Sequence[CalibSample], cfg: DiTConfig, where: str = "
 
 
 def synthetic_samples(cfg: DiTConfig, n: int = 2, seed: int = 0, latent_hw: tuple[int, int] = (8, 16),
-                      blocks: int = 2, context_len: int | None = None) -> list[CalibSample]:
+                      blocks: int = 2, context_len: int | None = None) -> list[StreamInputs]:
     """Seeded random DiT inputs of the real shapes: N(0, 1) latents, noise and audio features, a T5-like context
     (N(0, 0.2^2)), zero pose latents (upstream passes zeros), seeded reference-shift draws."""
     h, w = latent_hw
@@ -137,7 +135,7 @@ def synthetic_samples(cfg: DiTConfig, n: int = 2, seed: int = 0, latent_hw: tupl
 # Saved sample sets
 
 
-def save_samples(folder: str | Path, samples: Sequence[CalibSample], info: dict | None = None) -> Path:
+def save_samples(folder: str | Path, samples: Sequence[StreamInputs], info: dict | None = None) -> Path:
     """Write `samples.safetensors` + `samples.json` into `folder` (a pre-encoded calibration set)."""
     from safetensors.torch import save_file
 
@@ -156,7 +154,7 @@ def save_samples(folder: str | Path, samples: Sequence[CalibSample], info: dict 
     return folder / SAMPLES_FILE
 
 
-def load_samples(folder: str | Path) -> list[CalibSample]:
+def load_samples(folder: str | Path) -> list[StreamInputs]:
     """Read a saved sample set; a damaged one is a one-line InputError."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -279,7 +277,7 @@ def _max_area(size: str | int) -> int:
 
 def samples_from_clips(clip_dir: str | Path | ClipSet, encoders: Encoders, cfg: DiTConfig, *,
                        size: str | int = DEFAULT_SIZE, blocks: int = 2, seed: int = 0,
-                       cache: bool = True) -> list[CalibSample]:
+                       cache: bool = True) -> list[StreamInputs]:
     """Encode a clip set into DiT inputs: per clip the T5 context, the reference/motion latents of its image at
     the `size` area budget, and for `blocks` blocks the seeded noise, the wav2vec2 window and zero pose latents.
     Cached under `CLIPS_DIR/.encoded/` by (clip-set digest, encoder fingerprint, model shape, size, blocks, seed)."""
@@ -331,7 +329,7 @@ def samples_from_clips(clip_dir: str | Path | ClipSet, encoders: Encoders, cfg: 
 
 @dataclass
 class CalibrationSet:
-    samples: list[CalibSample]
+    samples: list[StreamInputs]
     digest: str
     source: dict
 
@@ -361,7 +359,7 @@ def load_calibration(path: str | Path, cfg: DiTConfig, encoders: Callable[[], En
                                                             "size": str(size), "blocks": blocks})
 
 
-def _cached(clip_set: ClipSet, cfg: DiTConfig, size, blocks, seed) -> list[CalibSample] | None:
+def _cached(clip_set: ClipSet, cfg: DiTConfig, size, blocks, seed) -> list[StreamInputs] | None:
     """A cached encoding of this clip set at these settings (any encoder fingerprint), if exactly one exists."""
     root = clip_set.folder / ENCODED_DIR
     if not root.is_dir():
@@ -387,5 +385,5 @@ def _cached(clip_set: ClipSet, cfg: DiTConfig, size, blocks, seed) -> list[Calib
     return None
 
 
-__all__ = ["CalibSample", "CalibrationSet", "Encoders", "RealEncoders", "check_samples", "load_calibration",
+__all__ = ["CalibrationSet", "Encoders", "RealEncoders", "check_samples", "load_calibration",
            "load_samples", "make_sample", "sample_tensors", "samples_digest", "samples_from_clips", "save_samples", "synthetic_samples", "MANIFEST"]

@@ -52,7 +52,7 @@ def check_tiny(device: str) -> float:
     from lowvram.calibration import synthetic_samples
     from lowvram.checkpoint import LORA_NAME, build_meta_model, checkpoint_index, load_state_dict_streaming, read_lora
     from lowvram.model.config import tiny
-    from lowvram.model.sampler import Conditioning, ShiftDraws, Stream
+    from lowvram.model.sampler import StreamInputs, ShiftDraws, Stream
     from lowvram.quantize.calibrate import CheckpointSource, run_trajectory
     from lowvram.synthetic import write_checkpoint
 
@@ -65,7 +65,7 @@ def check_tiny(device: str) -> float:
     res = run_trajectory(CheckpointSource(checkpoint_index(root), cfg, read_lora(lora, cfg), device), samples)
     worst = 0.0
     for i, s in enumerate(samples):
-        st = Stream(model, Conditioning(s.context.to(device), s.ref_latents.to(device), s.motion_latents.to(device)),
+        st = Stream(model, StreamInputs(s.context.to(device), s.ref_latents.to(device), s.motion_latents.to(device)),
                     s.latent_hw, draws=ShiftDraws(cfg, seed=s.shift_seed))
         out = torch.cat([st.sample_block(*(t.to(device) for t in blk)) for blk in s.blocks], dim=1).cpu()
         worst = max(worst, float((out - res.finals[i]).abs().max()))

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from lowvram.calibration.clips import MAKE_HINT
-from lowvram.calibration.samples import CalibSample, check_samples, load_calibration, samples_digest
+from lowvram.calibration.samples import check_samples, load_calibration, samples_digest
 from lowvram.errors import CheckpointError, DoesNotFitError, InputError
 from lowvram.identify import build_meta_model, check_keys, identify, read_config_json
 from lowvram.index import LORA_NAME, checkpoint_index
@@ -35,6 +35,7 @@ from lowvram.kernels import linear as K
 from lowvram.lora import read_lora
 from lowvram.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST, NONBLOCK, block_file, verify_folder
 from lowvram.model.config import DiTConfig
+from lowvram.model.sampler import StreamInputs
 from lowvram.outputs import hold_lock, lock_path_for
 from lowvram.plan import available_ram
 
@@ -81,7 +82,7 @@ class QuantizeOptions:
     vae: Path | None = None
     progress: bool = True
     kv_scratch: Path | None = None  # disk-backed calibration KV caches (memory-mapped) when RAM is short
-    samples: list[CalibSample] | None = field(default=None, repr=False)  # in-process calibration samples
+    samples: list[StreamInputs] | None = field(default=None, repr=False)  # in-process calibration samples
 
 
 def _device(name: str) -> torch.device:

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from lowvram.model.dit import LiveAvatarDiT
-from lowvram.model.sampler import Conditioning, ShiftDraws, Stream, flow_schedule, reference_shift
+from lowvram.model.sampler import StreamInputs, ShiftDraws, Stream, flow_schedule, reference_shift
 from lowvram.synthetic import random_state_dict
 
 TESTS = Path(__file__).resolve().parent.parent / "tests"
@@ -124,7 +124,7 @@ def write_tiny_dit(folder: Path) -> None:
         lo, hi = cfg.ref_shift_range
         return torch.randint(lo, hi + 1, (blocks, cfg.num_steps), generator=g).tolist()
 
-    cond = Conditioning(torch.randn(fx["pipeline"]["context_tokens"], cfg.text_dim, generator=g),
+    cond = StreamInputs(torch.randn(fx["pipeline"]["context_tokens"], cfg.text_dim, generator=g),
                         torch.randn(1, cfg.in_dim, 1, h, w, generator=g),
                         torch.randn(1, cfg.in_dim, cfg.motion_latent_frames, h, w, generator=g))
     clip0, clip1, script0, script1 = clip_inputs(), clip_inputs(), script(), script()

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from fixtures import reference_dir, tiny_dit_config
 from lowvram.model.dit import LiveAvatarDiT
-from lowvram.model.sampler import Conditioning, ShiftDraws, Stream, flow_schedule, reference_shift
+from lowvram.model.sampler import StreamInputs, ShiftDraws, Stream, flow_schedule, reference_shift
 
 # README: accept max-abs <= 1e-5 on out / noise_pred / final_latents; skipping the float16 rounding of the RoPE
 # tables gives >= 4.3e-5 there (measured: 4.3e-5 .. 7.9e-5). The caches are not in the README's list: float64 math
@@ -56,7 +56,7 @@ def test_schedule_matches_fixture():
 
 def single_forward(model, case):
     hw = tuple(case["x"].shape[-2:])
-    stream = Stream(model, Conditioning(case["context"], case["ref_latents"], case["motion_latents"]), hw)
+    stream = Stream(model, StreamInputs(case["context"], case["ref_latents"], case["motion_latents"]), hw)
     step = int((stream.timesteps == case["t"].flatten()[0]).nonzero()[0])
     start = int(case["current_start"])
     if "kv_k_before" in case:
@@ -126,7 +126,7 @@ def sampling_errors(model):
             shared[key] = case.get(key, shared.get(key))
         if int(case["current_start"][0, 0]) == 0 or stream is None:
             hw = tuple(case["initial_noise"].shape[-2:])
-            stream = Stream(model, Conditioning(shared["context"], shared["ref_latents"], shared["motion_latents"]), hw)
+            stream = Stream(model, StreamInputs(shared["context"], shared["ref_latents"], shared["motion_latents"]), hw)
         errors[name] = sample_clip(stream, case)
     return errors
 

@@ -5,7 +5,7 @@ from safetensors.torch import load_file
 
 from fixtures import reference_dir, tiny_dit_config, tiny_dit_latent_hw
 from lowvram.model.dit import LiveAvatarDiT
-from lowvram.model.sampler import Conditioning, ShiftDraws, Stream
+from lowvram.model.sampler import StreamInputs, ShiftDraws, Stream
 
 FIXTURE = reference_dir() / "tiny_dit"
 
@@ -25,7 +25,7 @@ def sample(kv_offload: bool, blocks: int | None = None, device: str = "cpu", pre
     if prepare is not None:
         prepare(model)
     case = load_file(FIXTURE / "case_c.safetensors")
-    stream = Stream(model, Conditioning(case["context"], case["ref_latents"], case["motion_latents"]), (h, w),
+    stream = Stream(model, StreamInputs(case["context"], case["ref_latents"], case["motion_latents"]), (h, w),
                     draws=ShiftDraws(cfg, seed=3), kv_offload=kv_offload)
     g = torch.Generator().manual_seed(0)
     out = []

@@ -8,8 +8,8 @@ from safetensors.torch import load_file
 
 from fixtures import reference_dir, tiny_dit_config
 from lowvram.model.dit import LiveAvatarDiT
-from lowvram.model.sampler import Conditioning, ShiftDraws, Stream
-from lowvram.parallel.engine import StageRunner, StreamInputs, Topology, clip_noise, wavefront_schedule
+from lowvram.model.sampler import ShiftDraws, Stream, StreamInputs, clip_noise
+from lowvram.parallel.engine import StageRunner, Topology, wavefront_schedule
 from lowvram.parallel.launch import RankFailed, spawn
 from lowvram.parallel.stage import stage_layers
 from lowvram.parallel.worker import WorkerSpec, run_worker
@@ -48,7 +48,7 @@ def sequential(inputs, ref_update: bool):
     cfg = fixture_cfg()
     model = LiveAvatarDiT(cfg)
     model.load_state_dict(load_file(FIXTURE / "weights.safetensors"))
-    stream = Stream(model, Conditioning(inputs.context, inputs.ref_latents, inputs.motion_latents), inputs.latent_hw,
+    stream = Stream(model, StreamInputs(inputs.context, inputs.ref_latents, inputs.motion_latents), inputs.latent_hw,
                     draws=ShiftDraws(cfg, seed=inputs.seed), ref_update=ref_update)
     out = []
     f = cfg.frames_per_block

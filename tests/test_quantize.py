@@ -22,7 +22,7 @@ from lowvram.checkpoint import build_meta_model, load_state_dict_streaming
 from lowvram.errors import CheckpointError
 from lowvram.kernels import linear as K
 from lowvram.model.config import tiny
-from lowvram.model.sampler import Conditioning, ShiftDraws, Stream
+from lowvram.model.sampler import StreamInputs, ShiftDraws, Stream
 from lowvram.quantize import NaiveInt8Linear, QuantStream, load_quantized, read_manifest, reshard
 from lowvram.quantize.calibrate import CheckpointSource, run_trajectory
 from lowvram.quantize.io import write_safetensors
@@ -71,7 +71,7 @@ def bf16_model(ckpt, cfg):
 
 
 def sample_stream(model, sample, stream_cls=Stream):
-    s = stream_cls(model, Conditioning(sample.context, sample.ref_latents, sample.motion_latents), sample.latent_hw,
+    s = stream_cls(model, StreamInputs(sample.context, sample.ref_latents, sample.motion_latents), sample.latent_hw,
                    draws=ShiftDraws(model.cfg, seed=sample.shift_seed))
     return torch.cat([s.sample_block(*blk) for blk in sample.blocks], dim=1)
 

