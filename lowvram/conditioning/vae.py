@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from dataclasses import dataclass, field
@@ -513,6 +514,13 @@ class StreamingDecoder:
     @property
     def latents_seen(self) -> int:
         return self._latents_seen
+
+    def copy(self) -> "StreamingDecoder":
+        """A decoder with this one's history (caches cloned) on the same VAE: a warmed-up decoder kept for reuse."""
+        clone = copy.copy(self)
+        clone._caches = {k: [c.clone() if isinstance(c, torch.Tensor) else c for c in cache]
+                         for k, cache in self._caches.items()}
+        return clone
 
     def _cache_for(self, key):
         if key not in self._caches:
