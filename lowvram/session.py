@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import gc
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from lowvram.errors import InputError, LowvramError, one_of
@@ -156,5 +156,48 @@ class Session:
             torch.cuda.empty_cache()
 
 
-def job_from_dict(d: dict) -> Job:
-    return Job(**{k: d[k] for k in asdict(Job("", "", "", "", "")) if k in d})
+
+
+
+
+def plan_for_machine(model_dir: str, size: str, kv: str = "bf16", image: str | None = None) -> dict:
+    """What `lowvram run` would choose here, with the planner's figures: device, layout, memory, expected fps,
+    and when nothing fits, the planner's advice. The shape is the image's at this area budget (else `size`)."""
+    import torch
+
+    from lowvram.conditioning.image import max_area_for_size, read_image, target_size
+    from lowvram.conditioning.vae import read_vae_config
+    from lowvram.plan import (GiB, RunShape, available_ram, cpu_run_bytes, parse_size, plan_layouts, plan_summary,
+                              suggestions)
+    from lowvram.runtime import RunOptions, find_components
+
+    comps = find_components(RunOptions(model_dir=Path(model_dir), image=Path(), audio=Path(), prompt="",
+                                       output=Path()))
+    one_of("kv", kv, ("bf16", "fp8"))
+    if image:
+        img = read_image(image)
+        h, w = target_size(img.shape[0], img.shape[1], max_area_for_size(size))
+    else:
+        h, w = parse_size(size)
+    shape = RunShape(h, w, 1 if kv == "fp8" else 2)
+    fmt = comps.fmt if comps.fmt in ("fp8", "int8", "int4") else "bf16"
+    out = {"model": str(comps.dit), "format": fmt, "size": f"{h}*{w}"}
+    if not torch.cuda.is_available():
+        need, have = cpu_run_bytes(comps.cfg, shape, fmt, comps.recipe, read_vae_config(comps.vae)), available_ram()
+        fits = have is None or need <= have
+        return dict(out, device="cpu", layout="tp1xpp1" if fits else None, fits=fits, host_GiB=round(need / GiB, 2),
+                    available_GiB=None if have is None else round(have / GiB, 1), fps=None,
+                    advice=None if fits else "a smaller size, or a GPU")
+    count, total = torch.cuda.device_count(), torch.cuda.get_device_properties(0).total_memory
+    gpus = f"{count}x{int(total / GiB)}"
+    name = torch.cuda.get_device_name(0).lower()
+    gpu_model = next((m for key, m in (("4090", "rtx4090"), ("3090", "rtx3090"), ("h100", "h100"), ("h200", "h100"))
+                      if key in name), "rtx4090")
+    best = plan_summary(plan_layouts(comps.cfg, gpus, shape, fmt, comps.recipe, gpu_model=gpu_model))[0]
+    out.update(device="cuda", gpus=gpus, gpu_model=gpu_model, fits=best["fits"],
+               layout=best["name"] if best["fits"] else None, fps=best["fps"] if best["fits"] else None,
+               per_gpu_GiB=[round(m["peak"] / GiB, 1) for m in best["per_gpu_bytes"]])
+    if not best["fits"]:
+        fixes = suggestions(comps.cfg, gpus, shape, fmt, gpu_model)
+        out["advice"] = "; ".join(fixes) or "a smaller size or more GPUs"
+    return out
