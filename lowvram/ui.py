@@ -24,6 +24,28 @@ from lowvram.session import PIPELINES, SIZES, Job, check_job, plan_for_machine  
 SNAPSHOT_EVERY_S = 1.0  # copy the growing video for the page at most this often (it is rewritten whole each time)
 
 
+class PassThrough:
+    """A file input that hands on a file Gradio cannot decode as it is, so that the runtime refuses it with the
+    CLI's one line (not Gradio's preprocessing error)."""
+
+    def get_block_name(self):
+        return type(self).__mro__[2].__name__.lower()  # the built-in component's page widget
+
+    def preprocess(self, payload):
+        try:
+            return super().preprocess(payload)
+        except Exception:  # noqa: BLE001 - judged by the runtime's checks instead
+            return None if payload is None else payload.path
+
+
+class ImageInput(PassThrough, gr.Image):
+    pass
+
+
+class AudioInput(PassThrough, gr.Audio):
+    pass
+
+
 def status_line(job, ahead: int = 0) -> str:
     if job.state == "queued":
         return f"job {job.id}: queued, {ahead} job(s) ahead"
@@ -145,9 +167,9 @@ def build(queue: JobQueue, model_dir: str, ckpt_dir: str | None, out_dir: Path) 
         with gr.Tab("Generate"):
             with gr.Row():
                 with gr.Column():
-                    image = gr.Image(label="Reference image", type="filepath", sources=["upload", "webcam"],
+                    image = ImageInput(label="Reference image", type="filepath", sources=["upload", "webcam"],
                                      elem_id="image")
-                    audio = gr.Audio(label="Speech", type="filepath", sources=["upload", "microphone"],
+                    audio = AudioInput(label="Speech", type="filepath", sources=["upload", "microphone"],
                                      elem_id="audio")
                     prompt = gr.Textbox(label="Prompt", value="a person talks warmly to the camera", elem_id="prompt")
                     with gr.Row():
