@@ -163,11 +163,11 @@ def test_the_page_in_chromium_before_during_and_after_a_run(server, tmp_path):
         expect(page.locator("#plan")).to_contain_text(SIZE, timeout=30_000)
         page.get_by_role("button", name="Generate").click()
 
-        expect(page.locator("#status")).to_contain_text("block 2/", timeout=120_000)
+        expect(page.locator("#status")).to_contain_text("block 2/", timeout=300_000)
         expect(page.locator("#video video")).to_be_attached(timeout=30_000)
         page.screenshot(path=str(shots / "ui-during.png"), full_page=True)
 
-        expect(page.locator("#status")).to_contain_text("done", timeout=120_000)
+        expect(page.locator("#status")).to_contain_text("done", timeout=300_000)
         expect(page.locator("#status")).to_contain_text("reused:")
         expect(page.locator("#final")).to_contain_text(".mp4")
         video = page.locator("#video video")
