@@ -77,7 +77,7 @@ class JobQueue:
         self.pending: list[str] = []
         self.changed = threading.Condition()
         self.ids = itertools.count(1)
-        self.cancel = self.ctx.Value("q", 0)
+        self.cancel = self.ctx.Value("q", 0, lock=False)  # no lock a killed worker could leave held
         self.worker = None
         self.closed = False
         self.start_worker()  # its imports (torch, the runtime) are paid before the first job comes

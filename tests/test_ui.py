@@ -5,6 +5,7 @@ input gets the CLI's one line; cancel keeps the blocks written; the server keeps
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -49,7 +50,7 @@ def server(tiny_ckpt, tmp_path_factory):
         except OSError:
             assert proc.poll() is None and time.monotonic() < deadline, (folder / "server.log").read_text()[-3000:]
             time.sleep(1)
-    yield {"url": url, "root": root, "folder": folder}
+    yield {"url": url, "root": root, "folder": folder, "proc": proc}
     proc.terminate()
     proc.wait(30)
     log.close()
@@ -136,6 +137,32 @@ def test_cancel_stops_at_the_next_block_and_keeps_what_was_written(server):
     assert 1 <= kept < total
     info = read_video_info(m.group(5))
     assert info.audio_codec == "aac" and info.num_frames >= frames - 2  # the last 2 frames wait for the next block
+
+
+def worker_pid(server_pid: int) -> int:
+    """The server's job worker: its spawned child running the session (not multiprocessing's resource tracker)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == server_pid and b"spawn_main" in cmdline:
+            return int(stat.parent.name)
+    raise AssertionError(f"no worker process under {server_pid}")
+
+
+def test_a_job_that_kills_the_worker_fails_in_one_line_and_the_next_job_runs(server):
+    job = api_job(server, audio=server["folder"] / "long.wav", seconds=6)
+    while not (job.outputs() and "block 1/" in job.outputs()[-1][1]):
+        assert not job.done(), job.result()
+        time.sleep(0.2)
+    os.kill(worker_pid(server["proc"].pid), signal.SIGKILL)  # as the kernel's OOM killer would
+    with pytest.raises(Exception) as err:
+        job.result()
+    assert "error: the worker process died (killed by signal 9" in str(err.value)
+    after = api_job(server).result()[1]
+    assert "done: 33 frames" in after and "reused: nothing" in after  # a new worker, the model loaded again
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium here (apt-get install -y chromium)")
