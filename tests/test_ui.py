@@ -82,19 +82,21 @@ def test_api_job_streams_the_video_and_the_second_job_reuses_the_model(server):
     job = api_job(server)
     outputs = list(job)
     final = job.result()
-    assert final[1].startswith(f"job {final[0]}: done: 33 frames (3 blocks)"), final[1]
+    done = re.match(rf"job {final[0]}: done: (\d+) frames \((\d+) blocks\)", final[1])
+    assert done and int(done.group(2)) == 3, final[1]  # 1 s of video: 3 blocks
+    frames = int(done.group(1))
     streamed = [o[2] for o in outputs if "block" in o[1] and "done" not in o[1] and o[2]]
     assert streamed, [o[1] for o in outputs]
     first = read_video_info(streamed[0])  # the growing mp4 after its first block: playable, with audio
-    assert first.video_codec == "h264" and first.audio_codec == "aac" and 0 < first.num_frames < 33
+    assert first.video_codec == "h264" and first.audio_codec == "aac" and 0 < first.num_frames < frames
     info = read_video_info(final[3])
-    assert (info.video_codec, info.audio_codec, info.num_frames) == ("h264", "aac", 33)
+    assert (info.video_codec, info.audio_codec, info.num_frames) == ("h264", "aac", frames)
     assert abs(info.audio_duration - info.num_frames / 25) <= 1 / 25 + 1e-6
     assert "reused: nothing" in final[1]
 
     again = api_job(server).result()
     assert "reused: decoder, dit, image, prompt" in again[1], again[1]
-    assert read_video_info(again[3]).num_frames == 33
+    assert read_video_info(again[3]).num_frames == frames
     server["startup"] = (first_block_s(final[1]), first_block_s(again[1]))
     print(f"first block after {server['startup'][0]} s (cold) and {server['startup'][1]} s (model loaded)")
 
@@ -162,7 +164,7 @@ def test_a_job_that_kills_the_worker_fails_in_one_line_and_the_next_job_runs(ser
         job.result()
     assert "error: the worker process died (killed by signal 9" in str(err.value)
     after = api_job(server).result()[1]
-    assert "done: 33 frames" in after and "reused: nothing" in after  # a new worker, the model loaded again
+    assert "done: " in after and "reused: nothing" in after  # a new worker, the model loaded again
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium here (apt-get install -y chromium)")
@@ -203,4 +205,4 @@ def test_the_page_in_chromium_before_during_and_after_a_run(server, tmp_path):
         duration = video.evaluate("v => v.duration")
         page.screenshot(path=str(shots / "ui-after.png"), full_page=True)
         browser.close()
-    assert 2.5 <= duration <= 3.6  # 3 s asked: 7 blocks of 12 frames, less the first block's 3
+    assert 2.5 <= duration <= 3.6  # 3 s asked
