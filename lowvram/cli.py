@@ -293,6 +293,27 @@ def bench(
           + (f" ({failed} runs failed; see the report)" if failed else ""))
 
 
+@app.command()
+def ui(
+    model_dir: Optional[Path] = typer.Argument(None, help="Folder written by `lowvram quantize`, or the bf16 checkpoint "
+                                               "(can be changed in the page)."),
+    ckpt_dir: Optional[Path] = typer.Option(None, "--ckpt-dir", help="Folder with the T5, VAE and wav2vec2 files."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to serve on (0.0.0.0: every interface)."),
+    port: int = typer.Option(7860, "--port", help="Port to serve on."),
+    out: Path = typer.Option(Path("lowvram-ui"), "--out", help="Folder for the videos and reports."),
+) -> None:
+    """A local web page (and its HTTP API) that keeps the model loaded between jobs and shows the video as it grows."""
+    import importlib.util
+
+    from lowvram.errors import InputError
+
+    if importlib.util.find_spec("gradio") is None:
+        raise InputError("the web UI needs Gradio, which is not installed: pip install 'lowvram[ui]'")
+    from lowvram.ui import serve
+
+    serve(str(model_dir) if model_dir else None, str(ckpt_dir) if ckpt_dir else None, host, port, out)
+
+
 def main() -> None:
     """Console entry point: every failure is one line on stderr and an exit code; LOWVRAM_DEBUG=1 shows tracebacks."""
     # Growable allocator segments: the 24 GB layouts are planned to ~1 GiB of headroom, which fragmentation of
@@ -313,34 +334,35 @@ def main() -> None:
 
 def report_failure(err: BaseException) -> int:
     """Print one line for `err` and return the exit code. Only typer's public exception types are used."""
-    if isinstance(err, LowvramError):
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
     if isinstance(err, SystemExit):
         return err.code if isinstance(err.code, int) else (0 if err.code is None else 1)
     if isinstance(err, typer.Exit):
         return err.exit_code
-    if isinstance(err, KeyboardInterrupt):
-        print("interrupted", file=sys.stderr)
-        return 130
-    if isinstance(err, typer.Abort):
-        print("aborted", file=sys.stderr)
-        return 1
     if isinstance(err, usage_error_types()):  # usage + one error line, as typer prints them
         show = getattr(err, "show", None)
         show() if show else print(f"error: {err}", file=sys.stderr)
         return getattr(err, "exit_code", 2)
+    line, code = failure_line(err)
+    print(line, file=sys.stderr)
+    return code
+
+
+def failure_line(err: BaseException) -> tuple[str, int]:
+    """The one line and exit code `lowvram` reports for a failure (also shown by `lowvram ui`)."""
+    if isinstance(err, LowvramError):
+        return f"error: {err}", err.exit_code
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted", 130
+    if isinstance(err, typer.Abort):
+        return "aborted", 1
     if type(err).__name__ == "OutOfMemoryError":  # torch's, without importing torch here
         first = str(err).split(". ")[0]
-        print(f"error: {first} while running; the plan was too tight for this GPU: use --kv fp8, a smaller --size, "
-              f"--format int4, more GPUs, or --no-compile (compiling autotunes with extra memory)", file=sys.stderr)
-        return 3
+        return (f"error: {first} while running; the plan was too tight for this GPU: use --kv fp8, a smaller --size, "
+                f"--format int4, more GPUs, or --no-compile (compiling autotunes with extra memory)", 3)
     if isinstance(err, OSError):
-        print(f"error: {describe_os_error(err)}", file=sys.stderr)
-        return 1
-    print(f"error: {type(err).__name__}: {err}; this is unexpected: run again with LOWVRAM_DEBUG=1 for the "
-          f"traceback and report it", file=sys.stderr)
-    return 1
+        return f"error: {describe_os_error(err)}", 1
+    return (f"error: {type(err).__name__}: {err}; this is unexpected: run again with LOWVRAM_DEBUG=1 for the "
+            f"traceback and report it", 1)
 
 
 def usage_error_types() -> tuple:

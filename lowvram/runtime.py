@@ -328,6 +328,7 @@ def prepare_conditioning(opts: RunOptions, comps: Components, device: str, capac
     from lowvram.conditioning.vae import WanVAE, runtime_dtype
     from lowvram.model.sampler import StreamInputs
 
+    memo = opts.extra.get("memo")
     pixels, (h, w) = load_reference_image(opts.image, max_area_for_size(opts.size))
     feats = audio_features(opts.audio, comps.wav2vec, device=device)
     mark = timeline.mark if timeline is not None else (lambda name: None)
@@ -336,24 +337,35 @@ def prepare_conditioning(opts: RunOptions, comps: Components, device: str, capac
     blocks = min(feats.num_blocks, blocks_for_frames(frames, comps.cfg))
     audio = feats.frames(0, blocks * 4 * comps.cfg.frames_per_block).float().cpu()
     del feats
-    vae = WanVAE.load(comps.vae, device=device, dtype=runtime_dtype(device))
-    ref = vae.encode_reference(pixels.to(device)).float().cpu()
-    motion = vae.encode_motion(pixels.to(device)).float().cpu()
-    pose = None
-    if opts.pose_video is not None:
-        from lowvram.conditioning.pose import pose_latents
+    pose_clips = math.ceil(blocks / comps.cfg.blocks_per_clip)
 
-        clips = math.ceil(blocks / comps.cfg.blocks_per_clip)
-        pose = pose_latents(vae, opts.pose_video, clips, (h, w))[:, :, : blocks * comps.cfg.frames_per_block]
-    del vae
+    def encode_image():
+        vae = WanVAE.load(comps.vae, device=device, dtype=runtime_dtype(device))
+        ref = vae.encode_reference(pixels.to(device)).float().cpu()
+        motion = vae.encode_motion(pixels.to(device)).float().cpu()
+        pose = None
+        if opts.pose_video is not None:
+            from lowvram.conditioning.pose import pose_latents
+
+            pose = pose_latents(vae, opts.pose_video, pose_clips, (h, w))[:, :, : blocks * comps.cfg.frames_per_block]
+        return ref, motion, pose
+
+    pose_key = (file_identity(opts.pose_video), pose_clips) if opts.pose_video is not None else None
+    ref, motion, pose = memoized(memo, ("image", file_identity(comps.vae), device, tensor_digest(pixels), pose_key),
+                                 encode_image, 8)
     mark("vae_encode")
     t5_device = opts.t5_device or default_t5_device(device, capacity, opts.t5_quantization)
     small = comps.t5.stat().st_size < 2**30  # tiny test encoders run in float32; umT5-XXL in bf16 (11.4 GB)
-    encoder = TextEncoder(comps.t5, comps.tokenizer, device=t5_device,
-                          dtype=torch.float32 if small else torch.bfloat16, quantization=opts.t5_quantization)
-    context = encoder.encode(opts.prompt).float().cpu()
-    encoder.unload()
-    del encoder
+
+    def encode_prompt():
+        encoder = TextEncoder(comps.t5, comps.tokenizer, device=t5_device,
+                              dtype=torch.float32 if small else torch.bfloat16, quantization=opts.t5_quantization)
+        context = encoder.encode(opts.prompt).float().cpu()
+        encoder.unload()
+        return context
+
+    context = memoized(memo, ("prompt", file_identity(comps.t5), t5_device, opts.t5_quantization, opts.prompt),
+                       encode_prompt, 32)
     release_gpu(device)
     mark("text_encoder")
     if context.shape[-1] != comps.cfg.text_dim:
@@ -386,6 +398,33 @@ def blocks_for_frames(frames: int, cfg) -> int:
     return 1 + math.ceil(max(0, frames - (per_block - FIRST_DROP)) / per_block)
 
 
+def memoized(memo: dict | None, key: tuple, compute, keep: int):
+    """compute(), or its result from an earlier run when a long-lived caller (`lowvram ui`'s session) passes the
+    same `memo` dict to every run (opts.extra["memo"]). At most `keep` results of one kind (key[0]) are kept; the
+    oldest are dropped before computing a new one, so a model is freed before the next one loads."""
+    if memo is None:
+        return compute()
+    if key not in memo:
+        same_kind = [k for k in memo if k[0] == key[0]]
+        for old in same_kind[: max(0, len(same_kind) - keep + 1)]:
+            del memo[old]
+        memo[key] = compute()
+    return memo[key]
+
+
+def file_identity(path: Path) -> tuple:
+    """A file or folder as a memo key: its path and the size and mtime of it (a folder: of its files)."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else []
+    return str(path), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
 def release_gpu(device: str) -> None:
     """Hand the freed encoders' cached blocks (umT5: 10.7 GiB) back to the driver: the DiT ranks that load next
     are other processes, which this process's allocator cache would otherwise starve."""
@@ -411,16 +450,23 @@ class BlockSink:
     over the targets once the run finished, so a failed run never touches the previous video."""
 
     def __init__(self, vae_path: Path, motion_latents, output: Path, audio: Path, device: str, num_blocks: int,
-                 latents_path: Path | None, progress=None, max_frames: int | None = None, crf: int = CRF):
+                 latents_path: Path | None, progress=None, max_frames: int | None = None, crf: int = CRF,
+                 memo: dict | None = None):
         import queue
         import threading
 
         from lowvram.conditioning.vae import WanVAE, runtime_dtype
         from lowvram.media import VideoWriter
 
-        self.vae = WanVAE.load(vae_path, device=device, dtype=runtime_dtype(device))
-        self.decoder = self.vae.streaming_decoder()
-        self.decoder.warmup(motion_latents.to(device))
+        def warmed_decoder():
+            vae = WanVAE.load(vae_path, device=device, dtype=runtime_dtype(device))
+            decoder = vae.streaming_decoder()
+            decoder.warmup(motion_latents.to(device))
+            return vae, decoder
+
+        key = ("decoder", file_identity(vae_path), device, tensor_digest(motion_latents))
+        self.vae, warmed = memoized(memo, key, warmed_decoder, 1)
+        self.decoder = warmed.copy() if memo is not None else warmed  # the memo's copy stays at the warm-up
         self.output = Path(output)
         self.partial = partial_path(self.output)
         self.writer = VideoWriter(self.partial, audio_path=audio, crf=crf)
@@ -634,9 +680,9 @@ def run_locked(opts: RunOptions, comps: Components, device: str, timeline: Timel
     inputs, frames, motion = prepare_conditioning(opts, comps, device, placement.capacity if placement else None,
                                                   timeline)
     conditioning_peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
-    progress = make_progress(opts, inputs.num_blocks)
+    progress = opts.extra.get("progress") or make_progress(opts, inputs.num_blocks)  # the ui's per-block events
     sink = BlockSink(comps.vae, motion, opts.output, opts.audio, vae_device, inputs.num_blocks, opts.latents,
-                     progress, max_frames=frames, crf=opts.crf)
+                     progress, max_frames=frames, crf=opts.crf, memo=opts.extra.get("memo"))
     sink.t0 = t_start  # block times count from the start of the run (conditioning included)
     timeline.mark("vae_decoder_ready")
     ranks: dict[int, dict] = {}
@@ -659,7 +705,9 @@ def run_locked(opts: RunOptions, comps: Components, device: str, timeline: Timel
             if layout.tp * layout.pp == 1:
                 if device == "cuda":
                     torch.cuda.reset_peak_memory_stats()  # the DiT's peak, not the conditioning's
-                model = load_stage(spec, Topology(), torch.device(device))
+                spec_key = {k: v for k, v in vars(spec).items() if k != "inputs_path"}
+                model = memoized(opts.extra.get("memo"), ("dit", file_identity(comps.dit), repr(spec_key)),
+                                 lambda: load_stage(spec, Topology(), torch.device(device)), 1)
                 timeline.mark("dit_loaded")
                 rank_layers[0] = model.layer_ids
                 runner = StageRunner(model, Topology(), inputs, on_latent=sink.put, kv_offload=layout.offload,

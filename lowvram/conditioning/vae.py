@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -216,6 +217,12 @@ class StreamingDecoder:
     @property
     def latents_seen(self) -> int:
         return self._latents_seen
+
+    def copy(self) -> "StreamingDecoder":
+        """A decoder with this one's history (caches cloned) on the same VAE: a warmed-up decoder kept for reuse."""
+        clone = copy.copy(self)
+        clone._cache = [c.clone() if isinstance(c, torch.Tensor) else c for c in self._cache]
+        return clone
 
     def _run(self, x: torch.Tensor, first: bool) -> torch.Tensor:
         outs = []
