@@ -157,7 +157,7 @@ def make_sink(args, cfg, inputs):
     import tempfile
     from pathlib import Path
 
-    from lowvram.runtime import BlockSink
+    from lowvram.sink import BlockSink
     from lowvram.synthetic_models import full_sizes, write_vae
 
     tmp = Path(tempfile.mkdtemp(prefix="lowvram-bench-sink-"))

@@ -23,12 +23,15 @@ from pathlib import Path
 
 import torch
 
-from lowvram.errors import CheckpointError, DoesNotFitError, InputError, Interrupted, LowvramError, one_of
+from lowvram.errors import CheckpointError, InputError, Interrupted, LowvramError, one_of
 from lowvram.manifest import MANIFEST, check_tp_split, read_manifest
-from lowvram.media import CRF, video_uint8
+from lowvram.media import CRF
 from lowvram.model.config import FPS, DiTConfig
-from lowvram.outputs import hold_lock, lock_path_for, partial_path, publish
+from lowvram.memo import file_identity, memoized, tensor_digest
+from lowvram.outputs import hold_lock, lock_path_for
+from lowvram.placement import Placement, choose_layout, decode_device
 from lowvram.plan import KV_DTYPES, Layout, check_gpus, check_layout
+from lowvram.sink import BlockSink, make_progress
 
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 TOKENIZER_DIR = "google/umt5-xxl"
@@ -173,128 +176,6 @@ def check_output(path: Path, height: int, width: int, block_frames: int) -> None
                          f"~{need / 1e6:.1f} MB; free some space or write to another disk")
 
 
-def check_gpu_supports(comps: Components) -> None:
-    """fp8 needs fp8 tensor cores (sm_89+: RTX 40xx, L4/L40, H100); elsewhere it would only be emulated."""
-    uses_fp8 = comps.fmt == "fp8" or any(f == "fp8" for f in (comps.recipe or {}).values())
-    if not uses_fp8:
-        return
-    for i in range(torch.cuda.device_count()):
-        major, minor = torch.cuda.get_device_capability(i)
-        if (major, minor) < (8, 9):
-            name = torch.cuda.get_device_name(i)
-            raise InputError(f"{comps.dit} is fp8, but GPU {i} ({name}, sm_{major}{minor}) has no fp8 tensor cores; "
-                             f"quantize with --format int8 (fast on Ampere) or int4 instead")
-
-
-def choose_layout(opts: RunOptions, comps: Components, device: str, latent_hw) -> tuple[Layout, Placement | None]:
-    """The layout every rank runs (the user's override, or the planner's fastest that fits; refused before
-    anything loads) and where its ranks go on the GPUs (None on the CPU)."""
-    from lowvram.plan import GiB, RunShape, fixed_layout, parse_gpus, plan_layouts
-
-    shape = RunShape(latent_hw[0] * 8, latent_hw[1] * 8, 1 if opts.kv == "fp8" else 2)
-    fmt = comps.fmt if comps.fmt in ("fp8", "int8", "int4") else "bf16"
-    if device == "cpu":
-        from lowvram.conditioning.vae import read_vae_config
-        from lowvram.plan import check_cpu_run_fits
-
-        check_cpu_run_fits(comps.cfg, shape, fmt, comps.recipe, read_vae_config(comps.vae),
-                           what=f"--size {opts.size} ({shape.height}*{shape.width} for this image)")
-        mode = "offload" if opts.extra.get("kv_offload") else "resident"
-        return fixed_layout(comps.cfg, opts.tp or 1, opts.pp or 1, fmt, comps.recipe, mode), None
-    check_gpu_supports(comps)
-    visible = torch.cuda.device_count()
-    total = torch.cuda.get_device_properties(0).total_memory
-    override = bool(opts.tp or opts.pp)
-    world = (opts.tp or 1) * (opts.pp or 1) if override else visible
-    gpus = opts.gpus or default_gpus(visible, total, world, opts.share_gpu)
-    count, capacity = parse_gpus(gpus)
-    if override and world != count:  # an override is planned on its own number of GPUs of that size
-        gpus = f"{world}x{capacity / GiB:g}"
-    layouts = plan_layouts(comps.cfg, gpus, shape, fmt, comps.recipe, t5_quantization=opts.t5_quantization)
-    if override:
-        tp, pp = opts.tp or 1, opts.pp or 1
-        match = [l for l in layouts if (l.tp, l.pp) == (tp, pp)]
-        fitting = [l for l in match if l.fits]
-        if match and not fitting:
-            raise DoesNotFitError(f"tp {tp} x pp {pp} needs {match[0].peak_bytes / 1024**3:.1f} GiB per GPU, "
-                                  f"more than {gpus}; run `lowvram plan` for a layout that fits")
-        layout = fitting[0] if fitting else fixed_layout(comps.cfg, tp, pp, fmt, comps.recipe)
-    else:
-        layout = next((l for l in layouts if l.fits), None)
-        if layout is None:
-            raise DoesNotFitError(f"no layout fits {gpus} GiB at {opts.size}; run `lowvram plan {comps.dit} "
-                                  f"--gpus {gpus}` to see what would (fp8 KV, int4, a smaller size, more GPUs)")
-    placement = place_on_gpus(opts, f"tp{layout.tp}xpp{layout.pp}", layout.tp * layout.pp, visible, total,
-                              capacity, layout)
-    return layout, placement
-
-
-def decode_device(device: str, layout: Layout, placement: Placement | None) -> str:
-    """Where the launcher's VAE decoder runs: on the GPU of the layout's `vae_rank`."""
-    return "cpu" if device == "cpu" else f"cuda:{placement.gpus[layout.vae_rank] if placement else 0}"
-
-
-def default_gpus(visible: int, total: int, world: int, share: bool) -> str:
-    """What to plan for without --gpus: the visible GPUs; with --share-gpu and more ranks than GPUs, `world`
-    GPUs of an equal share of one (two ranks on an 80 GiB card: 2x40)."""
-    from lowvram.plan import GiB
-
-    if share and world > visible:
-        return f"{world}x{int(total / GiB / math.ceil(world / visible))}"
-    return f"{visible}x{int(total / GiB)}"
-
-
-def count_x(count: int, size_bytes: float) -> str:
-    from lowvram.plan import GiB
-
-    return f"{count}x{int(size_bytes / GiB)}"
-
-
-@dataclass
-class Placement:
-    """Where the ranks run: the visible GPU of each, its allocator cap (bytes, None = the whole GPU), the backend;
-    the size of GPU planned for (bytes) and the launcher's cap (conditioning, the VAE decoder)."""
-
-    gpus: list[int]
-    caps: list[int | None]
-    backend: str
-    capacity: float
-    launcher_cap: int | None = None
-
-    def summary(self) -> dict:
-        gib = lambda b: None if b is None else round(b / 1024**3, 2)
-        return {"gpus": self.gpus, "backend": self.backend, "caps_GiB": [gib(c) for c in self.caps],
-                "launcher_cap_GiB": gib(self.launcher_cap)}
-
-
-def place_on_gpus(opts: RunOptions, name: str, world: int, visible: int, total: int, capacity: float,
-                  layout: Layout) -> Placement:
-    """Ranks on the visible GPUs. More ranks than GPUs only with --share-gpu (refused before anything loads
-    otherwise); ranks are capped to the planned GPU size when emulating one (--gpus or --share-gpu)."""
-    from lowvram.parallel.launch import place_ranks
-    from lowvram.plan import CUDA_CONTEXT, GiB, allocator_caps, parse_gpus
-
-    gpus, backend = place_ranks(world, visible)
-    if world > visible and not opts.share_gpu:
-        size = parse_gpus(opts.gpus or default_gpus(visible, total, world, True))[1] / GiB
-        here = "1 is visible" if visible == 1 else f"{visible} are visible"
-        alt = (f"--gpus {visible}x{int(total / GiB)} to plan for what is here" if opts.gpus
-               else f"fewer ranks (--tp x --pp <= {visible})")
-        raise InputError(f"{name} needs {world} GPUs but {here}; pass --share-gpu to run the {world} ranks on "
-                         f"{'it' if visible == 1 else 'them'}, each capped at {size:g} GiB, or {alt}")
-    per_gpu = max(gpus.count(g) for g in set(gpus))
-    if per_gpu * capacity > total * 1.02:  # "24 GB" cards report 23.99 GiB
-        size = f"{capacity / GiB:g} GiB"
-        ranks = f"{per_gpu} ranks of {size} do" if per_gpu > 1 else f"a {size} rank does"
-        raise DoesNotFitError(f"--gpus {count_x(world, capacity)}: {ranks} not fit GPU 0 ({total / GiB:.1f} GiB); "
-                              f"plan for what is here (--gpus {count_x(world, total / per_gpu)}) or make more GPUs "
-                              f"visible")
-    if opts.gpus is None and world <= visible:  # the real GPUs: nothing to emulate
-        return Placement(gpus, [None] * world, backend, capacity)
-    caps = allocator_caps(layout, capacity) if layout.planned else [int(capacity - CUDA_CONTEXT)] * world
-    return Placement(gpus, caps, backend, capacity, launcher_cap=int(capacity - CUDA_CONTEXT))
-
-
 def process_age_s() -> float | None:
     """Seconds since this process started (Linux), so start-up figures include Python's and torch's imports."""
     try:
@@ -398,33 +279,6 @@ def blocks_for_frames(frames: int, cfg) -> int:
     return 1 + math.ceil(max(0, frames - (per_block - FIRST_DROP)) / per_block)
 
 
-def memoized(memo: dict | None, key: tuple, compute, keep: int):
-    """compute(), or its result from an earlier run when a long-lived caller (`lowvram ui`'s session) passes the
-    same `memo` dict to every run (opts.extra["memo"]). At most `keep` results of one kind (key[0]) are kept; the
-    oldest are dropped before computing a new one, so a model is freed before the next one loads."""
-    if memo is None:
-        return compute()
-    if key not in memo:
-        same_kind = [k for k in memo if k[0] == key[0]]
-        for old in same_kind[: max(0, len(same_kind) - keep + 1)]:
-            del memo[old]
-        memo[key] = compute()
-    return memo[key]
-
-
-def file_identity(path: Path) -> tuple:
-    """A file or folder as a memo key: its path and the size and mtime of it (a folder: of its files)."""
-    path = Path(path)
-    files = [path] if path.is_file() else sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else []
-    return str(path), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
-
-
-def tensor_digest(t: torch.Tensor) -> str:
-    import hashlib
-
-    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-
-
 def release_gpu(device: str) -> None:
     """Hand the freed encoders' cached blocks (umT5: 10.7 GiB) back to the driver: the DiT ranks that load next
     are other processes, which this process's allocator cache would otherwise starve."""
@@ -439,115 +293,6 @@ def default_t5_device(device: str, capacity: float | None = None, quantization: 
     if device != "cuda":
         return "cpu"
     return "cuda" if t5_on_gpu(capacity or torch.cuda.get_device_properties(0).total_memory, quantization) else "cpu"
-
-
-class BlockSink:
-    """Receives clean block latents (any order) and, on a background thread, decodes them in order and appends
-    the frames to the mp4 — so the VAE decode of block b overlaps the DiT's work on the next blocks (its own CUDA
-    stream on a GPU). A decode/write error is re-raised in the caller on the next put() or at close().
-
-    The mp4 (and the latents file) grow under their partial names (`talk.partial.mp4`); `publish()` renames them
-    over the targets once the run finished, so a failed run never touches the previous video."""
-
-    def __init__(self, vae_path: Path, motion_latents, output: Path, audio: Path, device: str, num_blocks: int,
-                 latents_path: Path | None, progress=None, max_frames: int | None = None, crf: int = CRF,
-                 memo: dict | None = None):
-        import queue
-        import threading
-
-        from lowvram.conditioning.vae import WanVAE, runtime_dtype
-        from lowvram.media import VideoWriter
-
-        def warmed_decoder():
-            vae = WanVAE.load(vae_path, device=device, dtype=runtime_dtype(device))
-            decoder = vae.streaming_decoder()
-            decoder.warmup(motion_latents.to(device))
-            return vae, decoder
-
-        key = ("decoder", file_identity(vae_path), device, tensor_digest(motion_latents))
-        self.vae, warmed = memoized(memo, key, warmed_decoder, 1)
-        self.decoder = warmed.copy() if memo is not None else warmed  # the memo's copy stays at the warm-up
-        self.output = Path(output)
-        self.partial = partial_path(self.output)
-        self.writer = VideoWriter(self.partial, audio_path=audio, crf=crf)
-        self.max_frames = max_frames  # the video ends with the speech: the last block is cut there
-        self.pending: dict[int, torch.Tensor] = {}
-        self.next_in = 0  # next block to hand to the decoder thread
-        self.next_block = 0  # blocks written to the mp4
-        self.num_blocks = num_blocks
-        self.latents_path = latents_path
-        self.kept: dict[str, torch.Tensor] = {}
-        self.progress = progress
-        self.t0 = time.monotonic()
-        self.first_frame_s: float | None = None
-        self.block_times: list[float] = []  # seconds since t0 when each block reached the mp4
-        self.block_frames: list[int] = []  # frames in the mp4 at that moment
-        self.error: BaseException | None = None
-        self.stream = torch.cuda.Stream(self.vae.device) if self.vae.device.type == "cuda" else None
-        self.queue: queue.Queue = queue.Queue(maxsize=8)
-        self.thread = threading.Thread(target=self._decode_loop, name="lowvram-vae-decode", daemon=True)
-        self.thread.start()
-
-    def put(self, block: int, latent: torch.Tensor) -> None:
-        if self.error is not None:
-            raise self.error
-        self.pending[block] = latent
-        while self.next_in in self.pending:
-            x = self.pending.pop(self.next_in)
-            if self.latents_path is not None:
-                self.kept[f"block_{self.next_in:05d}"] = x.contiguous()
-            self.queue.put(x)
-            self.next_in += 1
-
-    def _decode_loop(self) -> None:
-        while (x := self.queue.get()) is not None:
-            if self.error is not None:
-                continue  # drain after a failure; the caller sees the error
-            try:
-                if self.stream is not None:
-                    with torch.cuda.stream(self.stream):
-                        self._decode_and_write(x)
-                else:
-                    self._decode_and_write(x)
-            except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
-                self.error = err
-
-    def _decode_and_write(self, x: torch.Tensor) -> None:
-        frames = self.decoder.decode_block(x[None].to(self.vae.device))[0]
-        if self.max_frames is not None:
-            frames = frames[:, : max(0, self.max_frames - self.writer.frames_written)]
-        self.writer.write(video_uint8(frames).cpu().numpy())
-        if self.first_frame_s is None:
-            self.first_frame_s = time.monotonic() - self.t0
-        self.block_times.append(time.monotonic() - self.t0)
-        self.block_frames.append(self.writer.frames_written)
-        self.next_block += 1
-        if self.progress is not None:
-            self.progress(self.next_block, self.num_blocks, self.writer.frames_written)
-
-    def close(self, raise_error: bool = True) -> None:
-        """Finish the queued blocks, close the mp4 (playable even after an error), save the latents."""
-        self.queue.put(None)
-        self.thread.join()
-        self.writer.close()
-        if self.latents_path is not None and self.kept:
-            from safetensors.torch import save_file
-
-            save_file(self.kept, str(partial_path(self.latents_path)))
-        if self.error is not None and raise_error:
-            raise self.error
-
-    def publish(self) -> bool:
-        """Rename the finished files over the targets; True when an existing video was replaced."""
-        if self.latents_path is not None and self.kept:
-            publish(partial_path(self.latents_path), self.latents_path)
-        return publish(self.partial, self.output)
-
-    def kept_note(self) -> str:
-        """What a stopped run left behind, for its one-line message."""
-        kept = (f"{self.next_block} of {self.num_blocks} blocks ({self.writer.frames_written} frames) kept in "
-                f"{self.partial}, playable")
-        return kept + (f"; {self.output} was left as it was" if self.output.exists() else "")
 
 
 def worker_spec(opts: RunOptions, comps: Components, layout: Layout, placement: Placement | None, device: str,
@@ -746,28 +491,3 @@ def run_locked(opts: RunOptions, comps: Components, device: str, timeline: Timel
             "block_frames": sink.block_frames, "ranks": ranks, "stage_timing": timing, "replaced": replaced,
             "conditioning_gpu_alloc_bytes": conditioning_peak, "placement": placement.summary() if placement else None,
             "startup_s": timeline.marks}
-
-
-class make_progress:
-    """A rich progress line: blocks, frames, fps and ETA."""
-
-    def __new__(cls, opts: RunOptions, total: int):
-        if not opts.progress:
-            return None
-        return super().__new__(cls)
-
-    def __init__(self, opts: RunOptions, total: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(TextColumn("[bold]blocks"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
-        self.task = self.bar.add_task("run", total=total, info="")
-        self.t0 = time.monotonic()
-        self.bar.start()
-
-    def __call__(self, done: int, total: int, frames: int) -> None:
-        fps = frames / max(time.monotonic() - self.t0, 1e-9)
-        self.bar.update(self.task, completed=done, info=f"{frames} frames, {fps:.2f} fps")
-
-    def close(self) -> None:
-        self.bar.stop()

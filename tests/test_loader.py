@@ -149,7 +149,8 @@ def test_the_run_path_imports_nothing_from_the_quantizer(tiny_ckpt, fp8_static_f
 
 
 RUNTIME_SIDE = ["lowvram/model", "lowvram/parallel", "lowvram/kernels", "lowvram/runtime.py", "lowvram/manifest.py",
-                "lowvram/quantized.py", "lowvram/loader.py", "lowvram/plan.py"]
+                "lowvram/quantized.py", "lowvram/loader.py", "lowvram/plan.py", "lowvram/placement.py", "lowvram/sink.py",
+                "lowvram/memo.py", "lowvram/verified.py", "lowvram/session.py"]
 
 
 def imported_modules(path: Path) -> set[str]:

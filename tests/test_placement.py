@@ -14,7 +14,8 @@ from lowvram.errors import DoesNotFitError, InputError
 from lowvram.model.config import s2v_14b
 from lowvram.parallel.launch import place_ranks, spawn
 from lowvram.plan import CUDA_CONTEXT, GiB, RunShape, allocator_caps, plan_layouts, plan_summary, vae_decode_bytes
-from lowvram.runtime import Components, RunOptions, choose_layout, decode_device, find_components, worker_spec
+from lowvram.placement import choose_layout, decode_device
+from lowvram.runtime import Components, RunOptions, find_components, worker_spec
 
 H200 = int(139.8 * GiB)
 
