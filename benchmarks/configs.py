@@ -19,6 +19,7 @@ from lowvram.headers import file_sha256
 from lowvram.identify import CONFIG_NAME
 from lowvram.index import LORA_NAME
 from lowvram.manifest import MANIFEST, read_manifest
+from lowvram.model.config import UPSTREAM_SEED
 from lowvram.errors import InputError
 
 RUN_OPTION_KEYS = {"kv": str, "tp": int, "pp": int, "gpus": str, "lora": str, "ckpt-dir": str, "t5-device": str,
@@ -37,7 +38,7 @@ class BenchOptions:
     device: str = "auto"
     size: str = "704*384"
     seconds: float | None = 5.0
-    seed: int = 420  # upstream's default
+    seed: int = UPSTREAM_SEED
     rerun: bool = False
     fid: str = "auto"  # auto (when the weights are here), on (error without them), off
     sync: str = "auto"  # the same, for SyncNet's Sync-C / Sync-D

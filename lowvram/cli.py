@@ -11,6 +11,7 @@ from typing import Optional
 import typer
 
 from lowvram.errors import LowvramError
+from lowvram.model.config import UPSTREAM_SEED
 
 app = typer.Typer(
     add_completion=False,
@@ -106,8 +107,8 @@ def run(
     ckpt_dir: Optional[Path] = typer.Option(None, "--ckpt-dir", help="Folder with the T5, VAE and wav2vec2 files."),
     lora: Optional[Path] = typer.Option(None, "--lora", help="LiveAvatar LoRA, merged at load (bf16 checkpoint only)."),
     size: str = typer.Option("704*384", "--size", help="Area budget W*H; the image's aspect ratio decides the shape."),
-    seed: int = typer.Option(420, "--seed", help="Noise and reference-shift seed (reproducible on any layout; 420 "
-                                                 "is upstream's default)."),
+    seed: int = typer.Option(UPSTREAM_SEED, "--seed", help="Noise and reference-shift seed (reproducible on any "
+                                                           "layout; the default is upstream's)."),
     device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
     gpus: Optional[str] = typer.Option(None, "--gpus", help="COUNTxGiB to plan for (default: what is visible); "
                                        "smaller than the real GPUs, each rank is capped to it."),
@@ -266,7 +267,7 @@ def bench(
     device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
     size: str = typer.Option("704*384", "--size", help="Area budget W*H, the same for every configuration."),
     seconds: Optional[float] = typer.Option(5.0, "--seconds", help="Seconds of video per clip (0: whole clips)."),
-    seed: int = typer.Option(420, "--seed", help="Noise and reference-shift seed, the same for every run."),
+    seed: int = typer.Option(UPSTREAM_SEED, "--seed", help="Noise and reference-shift seed, the same for every run."),
     rerun: bool = typer.Option(False, "--rerun", help="Run everything again instead of reusing finished runs."),
     fid: str = typer.Option("auto", "--fid", help="auto (when the Inception weights are here), on, off."),
     sync: str = typer.Option("auto", "--sync", help="Sync-C/Sync-D: auto (when SyncNet weights are here), on, off."),

@@ -26,7 +26,7 @@ import torch
 from lowvram.errors import CheckpointError, InputError, Interrupted, LowvramError, one_of
 from lowvram.manifest import MANIFEST, check_tp_split, read_manifest
 from lowvram.media import CRF
-from lowvram.model.config import FPS, DiTConfig
+from lowvram.model.config import FPS, UPSTREAM_SEED, DiTConfig
 from lowvram.memo import file_identity, memoized, tensor_digest
 from lowvram.outputs import hold_lock, lock_path_for
 from lowvram.placement import Placement, choose_layout, decode_device
@@ -37,7 +37,6 @@ T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 TOKENIZER_DIR = "google/umt5-xxl"
 VAE_FILE = "Wan2.1_VAE.pth"
 WAV2VEC_DIR = "wav2vec2-large-xlsr-53-english"
-UPSTREAM_SEED = 420  # upstream's default --base_seed
 DEVICES = ("auto", "cuda", "cpu")
 T5_DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
 MP4_BYTES_PER_PIXEL = 0.5  # per frame: pessimistic H.264 (noise-like frames: 0.2 at crf 10 medium; faces ~10x less)

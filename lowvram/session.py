@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lowvram.errors import InputError, LowvramError, one_of
+from lowvram.model.config import UPSTREAM_SEED
 
 # upstream's pipeline names -> the RunOptions that select them; issue 16 adds "single-gpu"
 PIPELINES = {"tpp": {"ref_update": True}}
@@ -42,7 +43,7 @@ class Job:
     ckpt_dir: str | None = None
     size: str = "704*384"
     seconds: float | None = 5.0
-    seed: int = 0
+    seed: int = UPSTREAM_SEED
     pipeline: str = "tpp"
     kv: str = "bf16"
     device: str = "auto"

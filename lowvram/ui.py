@@ -18,6 +18,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from
 import gradio as gr  # noqa: E402
 
 from lowvram.errors import LowvramError  # noqa: E402
+from lowvram.model.config import UPSTREAM_SEED  # noqa: E402
 from lowvram.jobs import JobQueue  # noqa: E402
 from lowvram.session import PIPELINES, SIZES, Job, check_job, plan_for_machine  # noqa: E402
 
@@ -104,8 +105,8 @@ def build(queue: JobQueue, model_dir: str, ckpt_dir: str | None, out_dir: Path) 
             raise gr.Error("error: give the speech (upload or microphone)", duration=None)
         name = f"{time.strftime('%Y%m%d-%H%M%S')}-{Path(image).stem[:40]}.mp4"
         job = Job(model_dir=model or "", image=image, audio=audio, prompt=prompt or "", output=str(out_dir / name),
-                  ckpt_dir=ckpt or None, size=size, seconds=float(seconds) if seconds else None, seed=int(seed or 0),
-                  pipeline=pipeline, kv=kv)
+                  ckpt_dir=ckpt or None, size=size, seconds=float(seconds) if seconds else None,
+                  seed=UPSTREAM_SEED if seed is None else int(seed), pipeline=pipeline, kv=kv)
         try:
             warnings = check_job(job)
         except LowvramError as err:
@@ -176,7 +177,7 @@ def build(queue: JobQueue, model_dir: str, ckpt_dir: str | None, out_dir: Path) 
                         size = gr.Dropdown(list(SIZES), value=SIZES[0], label="Size (area W*H)",
                                            allow_custom_value=True, elem_id="size")
                         seconds = gr.Number(value=5, label="Length (s)", minimum=0.1, elem_id="seconds")
-                        seed = gr.Number(value=0, label="Seed", precision=0, elem_id="seed")
+                        seed = gr.Number(value=UPSTREAM_SEED, label="Seed", precision=0, elem_id="seed")
                     with gr.Row():
                         pipeline = gr.Dropdown(list(PIPELINES), value="tpp", label="Pipeline", elem_id="pipeline")
                         kv = gr.Radio(["bf16", "fp8"], value="bf16", label="KV cache", elem_id="kv")

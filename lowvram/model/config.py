@@ -9,6 +9,7 @@ from pathlib import Path
 
 S2V_14B_INJECT_LAYERS = (0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39)
 FPS = 25  # video frames per second: the rate the model generates at and the audio windows assume
+UPSTREAM_SEED = 420  # upstream's default --base_seed
 INFER_FRAMES = 48  # video frames per clip (upstream's infer_frames): the audio windows and the VAE's decode bookkeeping
 
 
